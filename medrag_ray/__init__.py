@@ -1,0 +1,3 @@
+"""medrag-ray: the pure core (never imports ray)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""Domain identification F(x_v) (MMed-RAG §3.1): a CLIP image tower with a linear head over domains.
+
+The paper fine-tunes BiomedCLIP's image encoder as a domain classifier; the router here is the image
+tower of a :class:`~medrag_ray.models.dual_encoder.DualEncoder` (tiny from a config, or real from disk via
+``load_dual_encoder`` + :func:`router_from_encoder`) followed by a linear layer on the L2-normalized
+image embedding: ``logits = W · normalize(E_img(x)) + b``. Training updates tower and head together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from medrag_ray.data.schema import DOMAINS
+from medrag_ray.models.common import (
+    ModelCard,
+    ModelLoadError,
+    check_card_kind,
+    load_state_dict,
+    read_card,
+    require_directory,
+    save_state_dict,
+    write_card,
+)
+from medrag_ray.models.dual_encoder import (
+    DualEncoder,
+    DualEncoderConfig,
+    build_dual_encoder,
+    load_dual_encoder,
+    save_dual_encoder,
+)
+
+logger = logging.getLogger(__name__)
+
+ENCODER_SUBDIR = "encoder"
+HEAD_STEM = "router_head"
+
+
+def _check_domains(domains: Sequence[str]) -> tuple[str, ...]:
+    domains = tuple(domains)
+    if len(domains) < 2 or len(set(domains)) != len(domains):
+        raise ValueError(f"router domains must be at least 2 distinct names, got {list(domains)}")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"router domains {unknown} are unknown; choose from {list(DOMAINS)}")
+    return domains
+
+
+class DomainRouter(nn.Module):
+    """Image tower + linear head; ``forward(pixels) -> logits [B, n_domains]`` in the order of ``domains``."""
+
+    def __init__(self, encoder: DualEncoder, domains: Sequence[str]) -> None:
+        super().__init__()
+        self.domains: tuple[str, ...] = _check_domains(domains)
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.embed_dim, len(self.domains)).to(
+            device=encoder.device, dtype=encoder.dtype
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> the pixel batch :meth:`forward` takes (the encoder's transform)."""
+        return self.encoder.preprocess(images)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalized image embeddings ``[B, embed_dim]`` (with gradient through the tower)."""
+        return self.encoder.encode_image(pixels, normalize=True)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels))
+
+    def predictions_from_logits(self, logits: torch.Tensor) -> list[tuple[str, float]]:
+        """(argmax domain, its softmax probability) per row of ``logits``."""
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        conf, idx = probs.max(dim=-1)
+        return [(self.domains[i], float(c)) for i, c in zip(idx.tolist(), conf.tolist(), strict=True)]
+
+    @torch.no_grad()
+    def predict(
+        self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64
+    ) -> list[tuple[str, float]]:
+        """Route images (PIL or preprocessed pixels) to ``(domain, confidence)``, in batches."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[tuple[str, float]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocess(chunk)
+            out.extend(self.predictions_from_logits(self(pixels)))
+        return out
+
+
+def router_from_encoder(encoder: DualEncoder, domains: Sequence[str]) -> DomainRouter:
+    """A router on an existing dual encoder's image tower (e.g. BiomedCLIP from ``load_dual_encoder``)."""
+    return DomainRouter(encoder, domains)
+
+
+def build_router(
+    encoder_cfg: DualEncoderConfig | None,
+    domains: Sequence[str],
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> DomainRouter:
+    """A tiny router: a tiny dual encoder from ``encoder_cfg`` and a fresh head (offline)."""
+    return DomainRouter(build_dual_encoder(encoder_cfg, device=device, dtype=dtype), domains)
+
+
+def save_router(router: DomainRouter, directory: str | Path) -> Path:
+    """Write ``encoder/`` (a dual-encoder directory), ``router_head.safetensors`` and the card."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_dual_encoder(router.encoder, out / ENCODER_SUBDIR)
+    save_state_dict(router.head.state_dict(), out, stem=HEAD_STEM)
+    encoder_cfg = router.encoder.config
+    write_card(
+        out,
+        ModelCard(
+            kind="router",
+            config={"encoder": encoder_cfg.to_dict() if encoder_cfg is not None else None},
+            extra={"domains": list(router.domains), "encoder_dir": ENCODER_SUBDIR},
+        ),
+    )
+    logger.info("saved router over %s to %s", list(router.domains), out)
+    return out
+
+
+def load_router(directory: str | Path, *, device: str = "cpu", dtype: str = "auto") -> DomainRouter:
+    """Load a router saved by :func:`save_router`."""
+    path = require_directory(directory, "load_router").resolve()
+    card = read_card(path)
+    if card is None:
+        raise ModelLoadError(
+            f"directory {path} has no medrag_model.json; pass a directory saved by "
+            "medrag_ray.models.router.save_router (to start from a real image tower such as BiomedCLIP, load "
+            "it "
+            "with load_dual_encoder and call router_from_encoder)"
+        )
+    check_card_kind(card, "router", path, "pass a router directory written by save_router")
+    domains = card.extra.get("domains")
+    if not isinstance(domains, list):
+        raise ModelLoadError(f"{path}/medrag_model.json has no 'extra.domains' list; save the router again")
+    encoder = load_dual_encoder(
+        path / str(card.extra.get("encoder_dir", ENCODER_SUBDIR)), device=device, dtype=dtype
+    )
+    router = DomainRouter(encoder, domains)
+    try:
+        router.head.load_state_dict(load_state_dict(path, stem=HEAD_STEM))
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"{path}: the router head does not fit the encoder ({exc}); the directory mixes two saves, save "
+            "again"
+        ) from exc
+    logger.info("loaded router over %s from %s", domains, path)
+    return router.eval()
