@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medrag_ray.config import MakeDataConfig, parse_job_args
-from medrag_ray.data.synthetic import check_writable, generate, write_dataset
-from medrag_ray.utils import setup_logging
+from medrag_ray.data.synthetic import generate, write_dataset
+from medrag_ray.utils import check_writable, setup_logging
 
 logger = logging.getLogger("jobs.make_data")
 

@@ -238,6 +238,15 @@ def check_domain(domain: str | None, what: str) -> str | None:
     return domain
 
 
+def source_files(
+    what: str, path: PathLike, patterns: Sequence[str], *, split: str | None = None, domain: str | None = None
+) -> list[Path]:
+    """Check a reader's ``split`` / ``domain`` options, then collect its input files (:func:`collect_files`)."""
+    check_split(split, what)
+    check_domain(domain, what)
+    return collect_files(path, patterns, what)
+
+
 def hash_fraction(key: str) -> float:
     """A deterministic number in [0, 1) from ``key`` (SHA-256), for hash-based split assignment."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
@@ -271,6 +280,20 @@ def normalize_yes_no(answer: str, mode: Literal["leading", "exact"] = "leading")
     text = text.lstrip("-").strip()
     match = _LEADING_YES_NO.match(text)
     return match.group(1).lower() if match else None
+
+
+def clean_vqa_fields(data: Mapping[str, Any]) -> dict[str, str]:
+    """The ``question``, ``answer`` and ``answer_type`` fields of a clean VQA record (VQA-RAD, PathVQA).
+
+    ``question`` and ``answer`` (numbers allowed) are required; the answer is normalized with
+    :func:`normalize_yes_no` in ``exact`` mode: ``"yes"``/``"no"`` is ``"closed"``, any other answer is
+    kept verbatim (stripped) and ``"open"``.
+    """
+    question = require_text(data, "question")
+    answer_text = require_text(data, "answer", numbers_ok=True)
+    normalized = normalize_yes_no(answer_text, mode="exact")
+    answer, answer_type = (normalized, "closed") if normalized else (answer_text, "open")
+    return {"question": question, "answer": answer, "answer_type": answer_type}
 
 
 def strip_image_tag(text: str) -> str:
@@ -346,6 +369,11 @@ def resolve_image_path(path: str, roots: Sequence[PathLike | None]) -> tuple[Pat
     return (candidates[0] if candidates else rel), False
 
 
+def images_beside(file: Path, image_root: PathLike | None, folder: str = "images") -> Path:
+    """Where a source's images lie: ``image_root`` when given, else ``folder`` beside the source ``file``."""
+    return Path(image_root) if image_root is not None else file.parent / folder
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """The image fields of a record."""
@@ -353,6 +381,14 @@ class ImageRef:
     path: str
     available: bool
     data: bytes | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The record fields ``image_path``, ``image_bytes`` and ``image_available``."""
+        return {"image_path": self.path, "image_bytes": self.data, "image_available": self.available}
+
+
+NO_IMAGE = ImageRef("", False, None)
+"""The image of a record that has none."""
 
 
 # ------------------------------------------------------------------------------------ side files
@@ -478,6 +514,16 @@ class ReadContext:
                 yield record
         finally:
             self.log_summary()
+
+    def read_files(
+        self,
+        files: Iterable[Path],
+        iter_file: Callable[[Path], Iterable[RawRecord]],
+        convert: Callable[[RawRecord], R],
+        on_kept: Callable[[R, RawRecord], None] | None = None,
+    ) -> Iterator[R]:
+        """:meth:`records` over the raw records that ``iter_file`` streams from each of ``files``, in order."""
+        return self.records((raw for file in files for raw in iter_file(file)), convert, on_kept)
 
     def _one(self, raw: RawRecord, convert: Callable[[RawRecord], R]) -> R | None:
         self.stats.read += 1

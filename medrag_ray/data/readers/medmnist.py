@@ -53,6 +53,17 @@ class MedMNISTSpec:
     """What the label sentence says for each class."""
 
 
+_DERMA_DIAGNOSES = (
+    "actinic keratoses and intraepithelial carcinoma",
+    "basal cell carcinoma",
+    "benign keratosis-like lesions",
+    "dermatofibroma",
+    "melanoma",
+    "melanocytic nevi",
+    "vascular lesions",
+)
+"""The 7 HAM10000 diagnoses: DermaMNIST's class names, which its label sentences also use."""
+
 MEDMNIST_SPECS: dict[str, MedMNISTSpec] = {
     "retinamnist": MedMNISTSpec(
         domain="ophthalmology",
@@ -75,24 +86,8 @@ MEDMNIST_SPECS: dict[str, MedMNISTSpec] = {
     "dermamnist": MedMNISTSpec(
         domain="dermatology",
         subject="A dermatoscopic image",
-        classes=(
-            "actinic keratoses and intraepithelial carcinoma",
-            "basal cell carcinoma",
-            "benign keratosis-like lesions",
-            "dermatofibroma",
-            "melanoma",
-            "melanocytic nevi",
-            "vascular lesions",
-        ),
-        descriptions=(
-            "actinic keratoses and intraepithelial carcinoma",
-            "basal cell carcinoma",
-            "benign keratosis-like lesions",
-            "dermatofibroma",
-            "melanoma",
-            "melanocytic nevi",
-            "vascular lesions",
-        ),
+        classes=_DERMA_DIAGNOSES,
+        descriptions=_DERMA_DIAGNOSES,
     ),
 }
 
@@ -214,5 +209,4 @@ def iter_medmnist(
         "medmnist", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=False, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in _raw_records(f, splits))
-    return ctx.records(raws, partial(_convert, dataset=dataset))
+    return ctx.read_files(files, partial(_raw_records, splits=splits), partial(_convert, dataset=dataset))

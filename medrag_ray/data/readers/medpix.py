@@ -25,19 +25,19 @@ from pathlib import Path
 from typing import Any
 
 from medrag_ray.data.readers.common import (
-    ImageRef,
+    NO_IMAGE,
     MissingImageWriter,
     OnError,
     PathLike,
     RawRecord,
     ReadContext,
     RejectWriter,
-    check_split,
-    collect_files,
+    images_beside,
     iter_jsonl,
     optional_text,
     require_mapping,
     require_text,
+    source_files,
     split_from_name,
 )
 from medrag_ray.data.schema import CorpusDoc, ReadStats, RecordError, Sample, dumps_meta
@@ -62,18 +62,15 @@ def _split(file: Path, split: str | None) -> str:
     return split or split_from_name(file.stem) or DEFAULT_SPLIT
 
 
-def _description(
-    raw: RawRecord, image_root: PathLike | None, ctx: ReadContext
-) -> tuple[str, str, ImageRef, dict[str, Any]]:
-    """``(image id, caption, image, meta)`` of one descriptions record."""
+def _description(raw: RawRecord, image_root: PathLike | None, split: str | None, ctx: ReadContext) -> dict[str, Any]:
+    """The record fields (all but ``answer_type``) of one descriptions record: one image and its caption."""
     data = require_mapping(raw)
     image_id = require_text(data, "image")
     desc = data.get("Description")
     if not isinstance(desc, Mapping):
         raise RecordError("Description", f"must be an object holding the Caption, got {desc!r}"[:200])
     caption = require_text(desc, "Caption", hint="the per-image caption is the document text")
-    root = Path(image_root) if image_root is not None else raw.file.parent / "images"
-    ref = ctx.image(_image_file(image_id), [root], field_name="image")
+    ref = ctx.image(_image_file(image_id), [images_beside(raw.file, image_root)], field_name="image")
     meta = {
         "image_id": image_id,
         "case_id": optional_text(data, "U_id"),
@@ -87,38 +84,23 @@ def _description(
         "acr_codes": desc.get("ACR Codes"),
         "figure_part": desc.get("Figure Part"),
     }
-    return image_id, caption, ref, meta
+    return {
+        "id": f"{SOURCE}/{image_id}",
+        "domain": DOMAIN,
+        "split": _split(raw.file, split),
+        "source": SOURCE,
+        "text": caption,
+        "meta": dumps_meta(meta),
+        **ref.fields(),
+    }
 
 
 def _convert_sample(raw: RawRecord, *, image_root: PathLike | None, split: str | None, ctx: ReadContext) -> Sample:
-    image_id, caption, ref, meta = _description(raw, image_root, ctx)
-    return Sample(
-        id=f"{SOURCE}/{image_id}",
-        domain=DOMAIN,
-        split=_split(raw.file, split),
-        source=SOURCE,
-        text=caption,
-        answer_type="report",
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
-        meta=dumps_meta(meta),
-    )
+    return Sample(answer_type="report", **_description(raw, image_root, split, ctx))
 
 
 def _convert_doc(raw: RawRecord, *, image_root: PathLike | None, split: str | None, ctx: ReadContext) -> CorpusDoc:
-    image_id, caption, ref, meta = _description(raw, image_root, ctx)
-    return CorpusDoc(
-        id=f"{SOURCE}/{image_id}",
-        domain=DOMAIN,
-        split=_split(raw.file, split),
-        source=SOURCE,
-        text=caption,
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
-        meta=dumps_meta(meta),
-    )
+    return CorpusDoc(**_description(raw, image_root, split, ctx))
 
 
 def _id_list(data: Mapping[str, Any], key: str) -> list[str]:
@@ -143,8 +125,10 @@ def _convert_case(raw: RawRecord, *, image_root: PathLike | None, split: str | N
         raise RecordError("Case", f"has none of the sections {names} filled; a case document needs one")
     ct_images, mr_images = _id_list(data, "TAC"), _id_list(data, "MRI")
     images = ct_images + mr_images
-    root = Path(image_root) if image_root is not None else raw.file.parent / "images"
-    ref = ctx.image(_image_file(images[0]), [root], field_name="TAC" if ct_images else "MRI") if images else None
+    ref = NO_IMAGE
+    if images:
+        roots = [images_beside(raw.file, image_root)]
+        ref = ctx.image(_image_file(images[0]), roots, field_name="TAC" if ct_images else "MRI")
     topic = data.get("Topic") if isinstance(data.get("Topic"), Mapping) else {}
     meta = {
         "case_id": case_id,
@@ -165,18 +149,14 @@ def _convert_case(raw: RawRecord, *, image_root: PathLike | None, split: str | N
         split=_split(raw.file, split),
         source=f"{SOURCE}/cases",
         text=text,
-        image_path=ref.path if ref else "",
-        image_bytes=ref.data if ref else None,
-        image_available=ref.available if ref else False,
         meta=dumps_meta(meta),
+        **ref.fields(),
     )
 
 
-def _files(path: PathLike, prefix: str, what: str) -> list[Path]:
-    path = Path(path)
-    if path.is_dir():
-        return collect_files(path, [f"{prefix}_*.jsonl"], what)
-    return collect_files(path, ["*.jsonl"], what)
+def _files(path: PathLike, prefix: str, what: str, split: str | None) -> list[Path]:
+    """The ``<prefix>_*.jsonl`` files of a folder, or the given file (after checking ``split``)."""
+    return source_files(what, path, [f"{prefix}_*.jsonl" if Path(path).is_dir() else "*.jsonl"], split=split)
 
 
 def iter_medpix(
@@ -193,14 +173,12 @@ def iter_medpix(
     limit: int = 0,
 ) -> Iterator[Sample]:
     """One report Sample per MedPix image (``descriptions_*.jsonl`` or the ``medpix2`` folder)."""
-    check_split(split, "medpix")
-    files = _files(path, "descriptions", "medpix")
+    files = _files(path, "descriptions", "medpix", split)
     ctx = ReadContext(
         "medpix", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_jsonl(f))
-    return ctx.records(raws, partial(_convert_sample, image_root=image_root, split=split, ctx=ctx))
+    return ctx.read_files(files, iter_jsonl, partial(_convert_sample, image_root=image_root, split=split, ctx=ctx))
 
 
 def iter_medpix_corpus(
@@ -217,14 +195,12 @@ def iter_medpix_corpus(
     limit: int = 0,
 ) -> Iterator[CorpusDoc]:
     """One caption CorpusDoc per MedPix image (``descriptions_*.jsonl`` or the ``medpix2`` folder)."""
-    check_split(split, "medpix_corpus")
-    files = _files(path, "descriptions", "medpix_corpus")
+    files = _files(path, "descriptions", "medpix_corpus", split)
     ctx = ReadContext(
         "medpix_corpus", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_jsonl(f))
-    return ctx.records(raws, partial(_convert_doc, image_root=image_root, split=split, ctx=ctx))
+    return ctx.read_files(files, iter_jsonl, partial(_convert_doc, image_root=image_root, split=split, ctx=ctx))
 
 
 def iter_medpix_cases(
@@ -241,11 +217,9 @@ def iter_medpix_cases(
     limit: int = 0,
 ) -> Iterator[CorpusDoc]:
     """One case-report CorpusDoc per MedPix case (``data_*.jsonl`` or the ``medpix2`` folder)."""
-    check_split(split, "medpix_cases")
-    files = _files(path, "data", "medpix_cases")
+    files = _files(path, "data", "medpix_cases", split)
     ctx = ReadContext(
         "medpix_cases", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_jsonl(f))
-    return ctx.records(raws, partial(_convert_case, image_root=image_root, split=split, ctx=ctx))
+    return ctx.read_files(files, iter_jsonl, partial(_convert_case, image_root=image_root, split=split, ctx=ctx))

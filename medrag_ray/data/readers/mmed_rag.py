@@ -45,15 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from medrag_ray.data.readers.common import (
+    ImageRef,
     MissingImageWriter,
     OnError,
     PathLike,
     RawRecord,
     ReadContext,
     RejectWriter,
-    check_domain,
-    check_split,
-    collect_files,
     image_list,
     iter_json_array,
     iter_jsonl,
@@ -62,6 +60,7 @@ from medrag_ray.data.readers.common import (
     require_id,
     require_mapping,
     require_text,
+    source_files,
     split_from_name,
     strip_image_tag,
     strip_leading_image_tag,
@@ -142,6 +141,43 @@ def _extras(data: Mapping[str, Any], used: set[str]) -> dict[str, Any]:
     return extras
 
 
+def _record_image(
+    data: Mapping[str, Any], keys: tuple[str, ...], image_root: PathLike | None, ctx: ReadContext
+) -> tuple[str, list[str], str | None, ImageRef]:
+    """``(image key, image paths, record's image_root, first image)``; the image is resolved against
+    ``image_root`` then the record's own ``image_root``, and checked (see :meth:`ReadContext.image`)."""
+    image_key, images = image_list(data, keys)
+    record_root = _record_root(data)
+    return image_key, images, record_root, ctx.image(images[0], [image_root, record_root], field_name=image_key)
+
+
+def _text_record(
+    raw: RawRecord, data: Mapping[str, Any], image_root: PathLike | None, ctx: ReadContext, **meta: Any
+) -> dict[str, Any]:
+    """The fields shared by retriever docs and report-test samples: id, source, text (report or caption),
+    image and meta (unconsumed source fields, the source id and split, the images, and ``meta``)."""
+    source_id = require_id(data, ("id", ""))
+    text_key, text = _text_field(data)
+    image_key, images, record_root, ref = _record_image(data, _IMAGE_KEYS, image_root, ctx)
+    extras = _extras(data, {"id", text_key, image_key, "image_root", "split"} | ({""} if "id" not in data else set()))
+    extras.update(
+        source_id=source_id,
+        record_index=raw.index,
+        images=images,
+        image_root=record_root,
+        source_split=data.get("split"),
+        text_field=text_key,
+        **meta,
+    )
+    return {
+        "id": f"mmed_rag/{raw.file.stem}/{source_id}",
+        "source": f"mmed_rag/{raw.file.stem}",
+        "text": text,
+        "meta": dumps_meta(extras),
+        **ref.fields(),
+    }
+
+
 # ---------------------------------------------------------------------------------- retriever
 
 
@@ -155,31 +191,7 @@ def _convert_retriever(
         raise RecordError(
             "split", f"cannot tell train/val/test from the file name {raw.file.name}; pass split=..."
         )
-    source_id = require_id(data, ("id", ""))
-    text_key, text = _text_field(data)
-    image_key, images = image_list(data, _IMAGE_KEYS)
-    record_root = _record_root(data)
-    ref = ctx.image(images[0], [image_root, record_root], field_name=image_key)
-    meta = _extras(data, {"id", text_key, image_key, "image_root", "split"} | ({""} if "id" not in data else set()))
-    meta.update(
-        source_id=source_id,
-        record_index=raw.index,
-        images=images,
-        image_root=record_root,
-        source_split=data.get("split"),
-        text_field=text_key,
-    )
-    return CorpusDoc(
-        id=f"mmed_rag/{raw.file.stem}/{source_id}",
-        domain=dom,
-        split=sp,
-        source=f"mmed_rag/{raw.file.stem}",
-        text=text,
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
-        meta=dumps_meta(meta),
-    )
+    return CorpusDoc(domain=dom, split=sp, **_text_record(raw, data, image_root, ctx))
 
 
 def iter_mmed_rag_retriever(
@@ -197,16 +209,13 @@ def iter_mmed_rag_retriever(
     limit: int = 0,
 ) -> Iterator[CorpusDoc]:
     """Retriever corpora (``training/retriever/<domain>/*.json``, a folder or one file) as CorpusDocs."""
-    check_split(split, "mmed_rag_retriever")
-    check_domain(domain, "mmed_rag_retriever")
-    files = collect_files(path, ["*.json"], "mmed_rag_retriever")
+    files = source_files("mmed_rag_retriever", path, ["*.json"], split=split, domain=domain)
     ctx = ReadContext(
         "mmed_rag_retriever", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_json_array(f))
     convert = partial(_convert_retriever, image_root=image_root, domain=domain, split=split, ctx=ctx)
-    return ctx.records(raws, convert)
+    return ctx.read_files(files, iter_json_array, convert)
 
 
 # ---------------------------------------------------------------------------------- alignment
@@ -261,9 +270,7 @@ def _convert_alignment(
         raise RecordError("conversations", "the human turn holds only the <image> tag, no prompt")
     rejected_noised = _flag(data, "rejected_noised")
     chosen_noised = _flag(data, "chosen_noised")
-    image_key, images = image_list(data, ("image", "image_path"))
-    record_root = _record_root(data)
-    ref = ctx.image(images[0], [image_root, record_root], field_name=image_key)
+    image_key, images, record_root, ref = _record_image(data, ("image", "image_path"), image_root, ctx)
     source_id = data.get("id")
     meta = _extras(
         data,
@@ -279,12 +286,10 @@ def _convert_alignment(
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
         chosen_noised=chosen_noised,
         rejected_noised=rejected_noised,
         meta=dumps_meta(meta),
+        **ref.fields(),
     )
 
 
@@ -302,14 +307,13 @@ def iter_mmed_rag_alignment(
     limit: int = 0,
 ) -> Iterator[PreferencePair]:
     """Alignment (DPO) data (``training/alignment/<domain>/*.json``) as PreferencePairs."""
-    check_domain(domain, "mmed_rag_alignment")
-    files = collect_files(path, ["*.json"], "mmed_rag_alignment")
+    files = source_files("mmed_rag_alignment", path, ["*.json"], domain=domain)
     ctx = ReadContext(
         "mmed_rag_alignment", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_json_array(f))
-    return ctx.records(raws, partial(_convert_alignment, image_root=image_root, domain=domain, ctx=ctx))
+    convert = partial(_convert_alignment, image_root=image_root, domain=domain, ctx=ctx)
+    return ctx.read_files(files, iter_json_array, convert)
 
 
 # ---------------------------------------------------------------------------------- test VQA
@@ -337,8 +341,7 @@ def _convert_vqa(
         answer_type = ""  # not a usable VQA item (kept and counted, see the module docstring)
     else:
         answer_type = "closed" if normalized else "open"
-    image_key, images = image_list(data, ("image", "image_path"))
-    ref = ctx.image(images[0], [image_root, _record_root(data)], field_name=image_key)
+    image_key, images, _, ref = _record_image(data, ("image", "image_path"), image_root, ctx)
     meta = _extras(data, {"question_id", "id", "question", "answer", image_key, "report", "text", "image_root"})
     meta.update(
         question_id=qid,
@@ -360,10 +363,8 @@ def _convert_vqa(
         question=question,
         answer=answer,
         answer_type=answer_type,
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
         meta=dumps_meta(meta),
+        **ref.fields(),
     )
 
 
@@ -394,16 +395,13 @@ def iter_mmed_rag_vqa(
     limit: int = 0,
 ) -> Iterator[Sample]:
     """Closed VQA test files (``test/vqa/<dataset>_test.jsonl``) as Samples; counts unparseable answers."""
-    check_split(split, "mmed_rag_vqa")
-    check_domain(domain, "mmed_rag_vqa")
-    files = collect_files(path, ["*.jsonl"], "mmed_rag_vqa")
+    files = source_files("mmed_rag_vqa", path, ["*.jsonl"], split=split, domain=domain)
     ctx = ReadContext(
         "mmed_rag_vqa", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_jsonl(f))
     convert = partial(_convert_vqa, image_root=image_root, domain=domain, split=split, ctx=ctx)
-    return ctx.records(raws, convert, on_kept=partial(_count_vqa_defects, ctx.stats))
+    return ctx.read_files(files, iter_jsonl, convert, on_kept=partial(_count_vqa_defects, ctx.stats))
 
 
 # -------------------------------------------------------------------------------- test report
@@ -414,33 +412,8 @@ def _convert_report(
 ) -> Sample:
     data = require_mapping(raw)
     dom = _dataset_domain(raw.file, domain)
-    source_id = require_id(data, ("id", ""))
-    text_key, text = _text_field(data)
-    image_key, images = image_list(data, _IMAGE_KEYS)
-    record_root = _record_root(data)
-    ref = ctx.image(images[0], [image_root, record_root], field_name=image_key)
-    meta = _extras(data, {"id", text_key, image_key, "image_root", "split"} | ({""} if "id" not in data else set()))
-    meta.update(
-        source_id=source_id,
-        record_index=raw.index,
-        images=images,
-        image_root=record_root,
-        source_split=data.get("split"),
-        text_field=text_key,
-        dataset=dataset_of(raw.file),
-    )
-    return Sample(
-        id=f"mmed_rag/{raw.file.stem}/{source_id}",
-        domain=dom,
-        split=split,
-        source=f"mmed_rag/{raw.file.stem}",
-        text=text,
-        answer_type="report",
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
-        meta=dumps_meta(meta),
-    )
+    fields = _text_record(raw, data, image_root, ctx, dataset=dataset_of(raw.file))
+    return Sample(domain=dom, split=split, answer_type="report", **fields)
 
 
 def iter_mmed_rag_report(
@@ -458,13 +431,10 @@ def iter_mmed_rag_report(
     limit: int = 0,
 ) -> Iterator[Sample]:
     """Report-generation test files (``test/report/<dataset>_test.json``) as Samples (answer_type report)."""
-    check_split(split, "mmed_rag_report")
-    check_domain(domain, "mmed_rag_report")
-    files = collect_files(path, ["*.json"], "mmed_rag_report")
+    files = source_files("mmed_rag_report", path, ["*.json"], split=split, domain=domain)
     ctx = ReadContext(
         "mmed_rag_report", stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_json_array(f))
     convert = partial(_convert_report, image_root=image_root, domain=domain, split=split, ctx=ctx)
-    return ctx.records(raws, convert)
+    return ctx.read_files(files, iter_json_array, convert)

@@ -26,9 +26,10 @@ from medrag_ray.data.readers.common import (
     RawRecord,
     ReadContext,
     RejectWriter,
+    clean_vqa_fields,
     hash_fraction,
+    images_beside,
     iter_jsonl,
-    normalize_yes_no,
     optional_text,
     require_mapping,
     require_text,
@@ -55,11 +56,8 @@ def _convert(
 ) -> Sample:
     data = require_mapping(raw)
     image = require_text(data, "image")
-    question = require_text(data, "question")
-    answer_text = require_text(data, "answer", numbers_ok=True)
-    normalized = normalize_yes_no(answer_text, mode="exact")
-    root = Path(image_root) if image_root is not None else raw.file.parent
-    ref = ctx.image(image, [root], field_name="image")
+    qa = clean_vqa_fields(data)
+    ref = ctx.image(image, [images_beside(raw.file, image_root, folder="")], field_name="image")
     meta = {
         "question_type": optional_text(data, "question_type"),
         "source_answer_type": optional_text(data, "answer_type").upper(),
@@ -72,13 +70,9 @@ def _convert(
         domain=DOMAIN,
         split=pathvqa_split(image, fractions),
         source=SOURCE,
-        question=question,
-        answer=normalized or answer_text,
-        answer_type="closed" if normalized else "open",
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
         meta=dumps_meta(meta),
+        **qa,
+        **ref.fields(),
     )
 
 
@@ -106,4 +100,4 @@ def iter_pathvqa(
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
     convert = partial(_convert, image_root=image_root, fractions=split_fractions, ctx=ctx)
-    return ctx.records(iter_jsonl(file), convert)
+    return ctx.read_files([file], iter_jsonl, convert)

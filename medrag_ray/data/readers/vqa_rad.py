@@ -23,9 +23,10 @@ from medrag_ray.data.readers.common import (
     ReadContext,
     RejectWriter,
     check_split,
+    clean_vqa_fields,
     collect_files,
+    images_beside,
     iter_json_array,
-    normalize_yes_no,
     optional_text,
     require_id,
     require_mapping,
@@ -44,20 +45,16 @@ def _convert(raw: RawRecord, *, image_root: PathLike | None, split: str | None, 
     if sp is None:
         raise RecordError("split", f"cannot tell train/test from the file name {raw.file.name}; pass split=...")
     qid = require_id(data, ("qid",))
-    question = require_text(data, "question")
-    answer_raw = data.get("answer")
-    answer_text = require_text(data, "answer", numbers_ok=True)
-    normalized = normalize_yes_no(answer_text, mode="exact")
+    qa = clean_vqa_fields(data)
     image_name = require_text(data, "image_name")
-    root = Path(image_root) if image_root is not None else raw.file.parent / "images"
-    ref = ctx.image(image_name, [root], field_name="image_name")
+    ref = ctx.image(image_name, [images_beside(raw.file, image_root)], field_name="image_name")
     meta = {
         "qid": qid,
         "organ": optional_text(data, "image_organ"),
         "question_type": optional_text(data, "question_type"),
         "phrase_type": optional_text(data, "phrase_type"),
         "source_answer_type": optional_text(data, "answer_type").upper(),
-        "answer_raw": answer_raw,
+        "answer_raw": data.get("answer"),
         "image_name": image_name,
     }
     return Sample(
@@ -65,13 +62,9 @@ def _convert(raw: RawRecord, *, image_root: PathLike | None, split: str | None, 
         domain=DOMAIN,
         split=sp,
         source=SOURCE,
-        question=question,
-        answer=normalized or answer_text,
-        answer_type="closed" if normalized else "open",
-        image_path=ref.path,
-        image_bytes=ref.data,
-        image_available=ref.available,
         meta=dumps_meta(meta),
+        **qa,
+        **ref.fields(),
     )
 
 
@@ -101,5 +94,4 @@ def iter_vqa_rad(
         SOURCE, stats=stats, on_error=on_error, rejects=rejects, missing_images=missing_images,
         check_images=check_images, embed_images=embed_images, limit=limit,
     )  # fmt: skip
-    raws = (raw for f in files for raw in iter_json_array(f))
-    return ctx.records(raws, partial(_convert, image_root=image_root, split=split, ctx=ctx))
+    return ctx.read_files(files, iter_json_array, partial(_convert, image_root=image_root, split=split, ctx=ctx))

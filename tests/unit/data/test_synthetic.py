@@ -356,19 +356,22 @@ def _neighbours(ds: syn.SyntheticDataset, domain: str, k: int) -> tuple[list, li
     return test, corpus, top
 
 
+STATS = SyntheticDataConfig(domains=ALL_DOMAINS, n_per_domain=400, n_phenotypes=6, image_size=64, seed=0)
+
+
 @pytest.fixture(scope="module")
-def stats_cfg() -> SyntheticDataConfig:
-    return SyntheticDataConfig(domains=ALL_DOMAINS, n_per_domain=400, n_phenotypes=6, image_size=64, seed=0)
+def local_pixel_accuracy() -> dict[str, dict[str, float]]:
+    """Pixel-statistic accuracy per domain and finding on data whose subtle findings are independent of the
+    phenotype (consistency 0.5): there nothing but the pixels at the finding can predict them."""
+    ds = syn.generate(dataclasses.replace(STATS, subtle_consistency=0.5))
+    return {domain: _pixel_stat_accuracy(ds, domain) for domain in ALL_DOMAINS}
 
 
 @pytest.mark.slow
-def test_visible_findings_are_visible_and_subtle_ones_are_not(stats_cfg: SyntheticDataConfig) -> None:
-    """With subtle findings independent of the phenotype (consistency 0.5) nothing but the pixels at the
-    finding can predict them: a local pixel statistic separates visible findings almost perfectly and
-    subtle ones barely above chance."""
-    ds = syn.generate(dataclasses.replace(stats_cfg, subtle_consistency=0.5))
+def test_visible_findings_are_visible_and_subtle_ones_are_not(local_pixel_accuracy: dict) -> None:
+    """A local pixel statistic separates visible findings almost perfectly, subtle ones barely above chance."""
     for domain in ALL_DOMAINS:
-        acc = _pixel_stat_accuracy(ds, domain)
+        acc = local_pixel_accuracy[domain]
         for key, entry in syn.vocabulary(domain).items():
             if entry["kind"] == "visible":
                 assert acc[key] > 0.9, (domain, key, acc)
@@ -377,21 +380,21 @@ def test_visible_findings_are_visible_and_subtle_ones_are_not(stats_cfg: Synthet
 
 
 @pytest.mark.slow
-def test_retrieval_by_image_recovers_phenotype_and_subtle_findings(stats_cfg: SyntheticDataConfig) -> None:
+def test_retrieval_by_image_recovers_phenotype_and_subtle_findings(local_pixel_accuracy: dict) -> None:
     """Nearest train-corpus images (raw pixels) are of the query's phenotype, and the majority of the top-5
-    neighbours' *reports* states the query's subtle findings far better than its own pixels do."""
-    ds = syn.generate(stats_cfg)
-    local = syn.generate(dataclasses.replace(stats_cfg, subtle_consistency=0.5))
+    neighbours' *reports* states the query's subtle findings far better than its own pixels do. (The ceiling
+    is about ``subtle_consistency`` = 0.9: deviating cases are where retrieval misleads.)"""
+    ds = syn.generate(STATS)
     for domain in ALL_DOMAINS:
         test, corpus, top = _neighbours(ds, domain, k=5)
         phenotype = {d.id: _meta(d)["phenotype"] for d in corpus}
         top1 = np.mean([phenotype[corpus[row[0]].id] == c.phenotype for c, row in zip(test, top, strict=True)])
         assert top1 > 0.9, (domain, top1)
-        pixel = _pixel_stat_accuracy(local, domain)
         for key, entry in syn.vocabulary(domain).items():
             if entry["kind"] != "subtle":
                 continue
             votes = [sum(bool(syn.parse_findings(corpus[j].text, domain)[key]) for j in row) >= 3 for row in top]
             vote_acc = np.mean([v == c.findings[key] for v, c in zip(votes, test, strict=True)])
-            assert vote_acc > 0.8, (domain, key, vote_acc)
-            assert vote_acc > pixel[key] + 0.15, (domain, key, vote_acc, pixel[key])
+            pixel = local_pixel_accuracy[domain][key]
+            assert vote_acc > 0.75, (domain, key, vote_acc)
+            assert vote_acc > pixel + 0.15, (domain, key, vote_acc, pixel)
