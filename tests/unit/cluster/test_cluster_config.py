@@ -125,6 +125,8 @@ def test_cluster_yaml_installs_this_package_with_the_right_extras(cluster_yaml, 
         if node["resources"].get("GPU"):
             # A node type's worker_setup_commands replace the global ones entirely.
             assert any("[gpu]" in c and "pip install" in c for c in node["worker_setup_commands"]), name
+            # faiss-cpu and faiss-gpu ship the same module: GPU nodes must end with faiss-gpu alone.
+            assert any("cluster/use_faiss_gpu.sh" in c for c in node["worker_setup_commands"]), name
 
 
 def test_cluster_yaml_token_auth_and_dashboard(cluster_yaml):
@@ -173,8 +175,18 @@ def test_dockerfile_installs_project_as_non_root():
     runs = " ".join(arg for op, arg in instr if op == "RUN")
     assert 'pip install ".[gpu]"' in runs
     assert 'pip install --no-deps -e ".[gpu]"' in runs
+    assert runs.index("use_faiss_gpu.sh") > runs.index('pip install ".[gpu]"')
     workdir = [arg for op, arg in instr if op == "WORKDIR"]
     assert workdir == ["/home/ray/medrag-ray"]
+
+
+def test_faiss_gpu_swap_script_removes_both_builds_first():
+    script = (CLUSTER_DIR / "use_faiss_gpu.sh").read_text()
+    lines = [line for line in script.splitlines() if line.startswith("python")]
+    assert "uninstall -y faiss-cpu faiss-gpu" in lines[0]
+    assert "--no-deps" in lines[1] and "faiss-gpu==" in lines[1]
+    pin = re.search(r'"faiss-cpu==([\d.]+)"', (REPO_ROOT / "pyproject.toml").read_text())
+    assert pin and f"FAISS_VERSION:-{pin.group(1)}" in script
 
 
 def test_dockerignore_keeps_the_context_small():
