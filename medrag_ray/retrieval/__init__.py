@@ -1,0 +1,1 @@
+"""Retrieval: per-domain FAISS indexes, adaptive-k selection, fused scoring and logit fusion."""
