@@ -81,8 +81,9 @@ def adaptive_k_gap_batch(
     if scale == "ratio":
         both_pos = (cur > 0) & (nxt > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            u = np.where(both_pos, np.log(np.where(both_pos, cur / np.where(nxt > 0, nxt, 1.0), 1.0)), 0.0)
-        cut = (both_pos & (u > gamma)) | ((cur > 0) & (nxt <= 0))
+            ratio = cur / nxt
+        u = np.log(np.where(both_pos, ratio, 1.0))  # 0 where the log-ratio is undefined: never a cut (gamma >= 0)
+        cut = (u > gamma) | ((cur > 0) & (nxt <= 0))
         nothing_relevant = s[:, 0] <= 0
     elif scale == "softmax":
         cut = (cur - nxt) > gamma
