@@ -114,11 +114,12 @@ def prepare_models(
 def smoke_check(models_dir: Path, samples: list[Sample], corpus: list[CorpusDoc], n: int = 4) -> dict[str, Any]:
     """Load every saved model back and run it on ``n`` dataset rows; returns what each produced."""
     docs = corpus[:: max(1, len(corpus) // n)][:n]
+    images = [_image(d) for d in docs]
     encoder = load_dual_encoder(models_dir / "encoder")
-    img = encoder.encode_image(encoder.preprocess([_image(d) for d in docs]))
+    img = encoder.encode_image(encoder.preprocess(images))
     txt = encoder.encode_text([d.text for d in docs])
     router = load_router(models_dir / "router")
-    routed = router.predict([_image(d) for d in docs])
+    routed = router.predict(images)
     reader, processor = load_reader(models_dir / "reader")
     closed = next(s for s in samples if s.answer_type == "closed")
     inputs = processor(images=[_image(closed)], text=[format_prompt(closed.question)], return_tensors="pt")
