@@ -4,13 +4,16 @@
         [steps=[make_data]] [data.n_per_domain=1000]
     ray job submit --working-dir . -- python jobs/pipeline.py artifacts_dir=/abs/artifacts
 
-Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models``.
+Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models`` ->
+``train_router`` -> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data).
+Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -18,8 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import make_data, prepare_models
-from medrag_ray.config import MakeDataConfig, PipelineConfig, PrepareModelsConfig, parse_job_args
+from jobs import build_index, make_data, prepare_models, train_retriever, train_router
+from medrag_ray.config import (
+    BuildIndexConfig,
+    MakeDataConfig,
+    PipelineConfig,
+    PrepareModelsConfig,
+    TrainRetrieverConfig,
+    TrainRouterConfig,
+    parse_job_args,
+)
 from medrag_ray.utils import setup_logging
 
 logger = logging.getLogger("jobs.pipeline")
@@ -39,6 +50,12 @@ def steps(cfg: PipelineConfig) -> list[Step]:
     """The pipeline's steps wired to paths under ``cfg.artifacts_dir``."""
     root = Path(cfg.artifacts_dir)
     data_dir, models_dir = root / "data" / "synthetic", root / "models" / "init"
+    router_dir, retriever_dir, index_dir = root / "models" / "router", root / "models" / "retriever", root / "index"
+    storage = cfg.ray_train.storage_path
+    if "://" not in storage and not Path(storage).is_absolute():
+        storage = str(root / storage)  # relative to artifacts_dir, so the runs live beside the models
+    resume = cfg.ray_train.resume and not cfg.rebuild
+    ray_train = dataclasses.replace(cfg.ray_train, storage_path=storage, resume=resume)
     all_steps = [
         Step(
             "make_data",
@@ -51,6 +68,37 @@ def steps(cfg: PipelineConfig) -> list[Step]:
             lambda: prepare_models.main(
                 PrepareModelsConfig(
                     dataset_dir=str(data_dir), out_dir=str(models_dir), overwrite=cfg.rebuild, models=cfg.models
+                )
+            ),
+        ),
+        Step(
+            "train_router",
+            router_dir / "metrics.json",
+            lambda: train_router.main(
+                TrainRouterConfig(
+                    dataset_dir=str(data_dir), init_encoder_dir=str(models_dir / "encoder"), out_dir=str(router_dir),
+                    overwrite=cfg.rebuild, train=cfg.router_train, ray_train=ray_train, ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
+            "train_retriever",
+            retriever_dir / "metrics.json",
+            lambda: train_retriever.main(
+                TrainRetrieverConfig(
+                    dataset_dir=str(data_dir), init_encoder_dir=str(models_dir / "encoder"),
+                    out_dir=str(retriever_dir), overwrite=cfg.rebuild, train=cfg.retriever_train,
+                    ray_train=ray_train, ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
+            "build_index",
+            index_dir / "manifest.json",
+            lambda: build_index.main(
+                BuildIndexConfig(
+                    corpus_path=str(data_dir / "corpus.parquet"), out_dir=str(index_dir),
+                    retrievers_dir=str(retriever_dir), overwrite=cfg.rebuild, ray=cfg.ray,
                 )
             ),
         ),

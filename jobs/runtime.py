@@ -157,6 +157,11 @@ def log_cluster_resources() -> dict[str, float]:
     return s
 
 
+def cluster_has_gpu() -> bool:
+    """Whether the connected cluster declares at least one GPU (requires :func:`init_ray` first)."""
+    return ray.cluster_resources().get("GPU", 0.0) >= 1.0
+
+
 def shutdown_ray() -> None:
     """Stop this process's Ray session if there is one (tests; local runs)."""
     if ray.is_initialized():
@@ -195,7 +200,7 @@ def actor_pool_kwargs(
     if use_gpu is None:
         if not ray.is_initialized():
             raise RuntimeError("actor_pool_kwargs(use_gpu=None) detects GPUs: call init_ray(cfg) first")
-        use_gpu = ray.cluster_resources().get("GPU", 0.0) >= 1.0
+        use_gpu = cluster_has_gpu()
     if use_gpu:
         return {"compute": strategy, "num_gpus": 1}
     if ray.is_initialized():

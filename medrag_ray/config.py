@@ -385,8 +385,388 @@ class PrepareModelsConfig:
                 raise ConfigError(f"{name} must be a directory path, got an empty string")
 
 
-PIPELINE_STEPS: tuple[str, ...] = ("make_data", "prepare_models")
-"""The pipeline's steps in order; later issues append training, indexing, mining and serving."""
+# ------------------------------------------- real-data routing set, router and retrieval evaluation (issue 3)
+
+
+ROUTING_SOURCE_NAMES: tuple[str, ...] = (
+    "vqa_rad", "medpix2", "pathvqa", "retinamnist", "pneumoniamnist", "dermamnist",
+)  # fmt: skip
+"""Sources of the real-data routing dataset (``medrag_ray.data.routing.ROUTING_SOURCES`` describes each)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingDataConfig:
+    """What goes into the real-data domain-routing dataset (see :mod:`medrag_ray.data.routing`)."""
+
+    sources: tuple[str, ...] = ROUTING_SOURCE_NAMES
+    """Sources, by their ``Sample.source`` name."""
+    max_per_source_split: int = 400
+    """At most this many images per (source, split), a deterministic hash sample; 0 = no cap."""
+    val_fraction: float = 0.1
+    """Share of a source's train images carved into val (by image hash) where the source has no val (VQA-RAD)."""
+    seed: int = 0
+    """Seed of the capped sampling (the split of an image never depends on it)."""
+    max_image_side: int = 0
+    """0 = keep each image's original encoded bytes; > 0 = downscale larger images to this side (PNG)."""
+    skip_bad: bool = False
+    """Skip (and count) bad records and undecodable images instead of stopping at the first."""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sources if s not in ROUTING_SOURCE_NAMES]
+        if unknown or not self.sources or len(set(self.sources)) != len(self.sources):
+            raise ConfigError(
+                f"data.sources must be distinct names from {list(ROUTING_SOURCE_NAMES)}, got {list(self.sources)}"
+            )
+        if self.max_per_source_split < 0:
+            raise ConfigError(f"data.max_per_source_split must be >= 0 (0 = no cap), got {self.max_per_source_split}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_image_side != 0 and self.max_image_side < 16:
+            raise ConfigError(f"data.max_image_side must be 0 (keep) or >= 16, got {self.max_image_side}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeRoutingDataConfig:
+    """``jobs/make_routing_data.py``: build the real-data domain-routing dataset from the shared data folder."""
+
+    shared_dir: str = ""
+    """The real-data folder; ``""`` = ``$MEDRAG_SHARED_DATA`` or ``../shared/data`` beside the checkout."""
+    out_dir: str = "artifacts/data/routing_real"
+    overwrite: bool = False
+    """Replace an existing dataset in ``out_dir``; without it, an existing one is an error."""
+    data: RoutingDataConfig = RoutingDataConfig()
+
+    def __post_init__(self) -> None:
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir must be a directory path, got an empty string")
+
+
+RETRIEVAL_EVAL_SETS: tuple[str, ...] = ("synthetic", "medpix")
+"""Image->text evaluation sets: the synthetic test reports (per domain) and MedPix test captions (radiology)."""
+
+
+def _default_eval_encoders() -> dict[str, str]:
+    return {
+        "trained": "artifacts/models/retriever",
+        "untrained": "artifacts/models/init/encoder",
+        "domain_agnostic": "artifacts/models/retriever_all",
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRetrievalConfig:
+    """``jobs/eval_retrieval.py``: image->text recall@k per domain for several named encoders."""
+
+    encoders: dict[str, str] = dataclasses.field(default_factory=_default_eval_encoders)
+    """name -> a dual-encoder dir (one encoder for every domain) or a dir of ``<domain>/`` dual-encoder dirs."""
+    eval_sets: tuple[str, ...] = RETRIEVAL_EVAL_SETS
+    synthetic_path: str = "artifacts/data/synthetic/samples_test.parquet"
+    """Samples whose ``answer_type == "report"`` rows give the (image, report) pairs."""
+    medpix_dir: str = ""
+    """MedPix 2.0 folder (``descriptions_test.jsonl`` + ``images/``); ``""`` = ``<shared data>/medpix2``."""
+    domains: tuple[str, ...] = ()
+    """Evaluate only these domains (empty = every domain an eval set has)."""
+    ks: tuple[int, ...] = (1, 5, 10)
+    batch_size: int = 64
+    device: str = "auto"
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when present)."""
+    out_dir: str = "artifacts/eval"
+    """Writes ``retrieval.json`` and ``retrieval.md`` here."""
+
+    def __post_init__(self) -> None:
+        if not self.encoders:
+            raise ConfigError("encoders is empty; give at least one name: path, e.g. encoders={untrained: DIR}")
+        for name, path in self.encoders.items():
+            if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
+                raise ConfigError(f"encoders must map non-empty names to directory paths, got {name!r}: {path!r}")
+        unknown = [s for s in self.eval_sets if s not in RETRIEVAL_EVAL_SETS]
+        if unknown or not self.eval_sets or len(set(self.eval_sets)) != len(self.eval_sets):
+            raise ConfigError(
+                f"eval_sets must be distinct names from {list(RETRIEVAL_EVAL_SETS)}, got {list(self.eval_sets)}"
+            )
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ConfigError(f"domains has unknown domains {bad}; choose from {list(DOMAINS)} (or [] for all)")
+        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise ConfigError(f"ks must be distinct positive integers, got {list(self.ks)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir must be a directory path, got an empty string")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRouterConfig:
+    """``jobs/eval_router.py``: domain-router accuracy, per-domain precision/recall and confusion on a split."""
+
+    router_dir: str = "artifacts/models/router"
+    """A router saved by ``save_router`` (``artifacts/models/init/router`` is the untrained one)."""
+    dataset_dir: str = "artifacts/data/routing_real"
+    """A dir with ``samples_<split>.parquet`` (``jobs/make_routing_data.py`` or ``jobs/make_data.py``)."""
+    split: str = "test"
+    batch_size: int = 64
+    device: str = "auto"
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when present)."""
+    out_dir: str = "artifacts/eval"
+    """Writes ``router_<dataset dir name>.json`` / ``.md`` here (``_<split>`` appended unless test)."""
+
+    def __post_init__(self) -> None:
+        from medrag_ray.data.schema import SPLITS
+
+        for name in ("router_dir", "dataset_dir", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a directory path, got an empty string")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+# ------------------------------------------------------------- training jobs: router and retrievers (issue 3)
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+GPU_USE: tuple[str, ...] = ("auto", "never", "always")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    """Optimisation settings of a training job: AdamW, linear warmup then cosine decay, DeepSpeed ZeRO."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    """Examples per worker per step (the global batch is ``batch_size * ray_train.num_workers``)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    """Share of all steps spent warming up; kept below 0.5 so warmup can never outlast the run (a known
+    pitfall of the reference code: 10,000 warmup steps in a shorter run left recall@1 near zero)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = none)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3 (1 and 2 shard optimizer state / gradients; 3 also parameters)."""
+    precision: str = "auto"
+    """``auto`` = bf16 on GPU workers, fp32 on CPU workers; or ``fp32`` / ``bf16``."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"train.batch_size must be >= 2 (contrastive losses need negatives), got {self.batch_size}"
+            )
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"train.lr must be in (0, 1), got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_fraction < 0.5:
+            raise ConfigError(f"train.warmup_fraction must be in [0, 0.5), got {self.warmup_fraction}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 = none), got {self.grad_clip}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayTrainConfig:
+    """How a training job runs on Ray Train (``TorchTrainer``)."""
+
+    num_workers: int = 2
+    """Data-parallel workers (one GPU each on GPU nodes)."""
+    use_gpu: str = "auto"
+    """``auto`` = GPU workers when the cluster has GPUs; ``never``; ``always`` (waits for GPU nodes)."""
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    """Worker failures (a killed process, a lost node) recovered from the last checkpoint; -1 = unlimited."""
+    storage_path: str = "artifacts/ray_train"
+    """Where runs keep checkpoints: a local path (made absolute) or a URI (``s3://...``) that every node
+    can reach. A re-run with the same run name resumes from that run's last checkpoint."""
+    num_to_keep: int = 2
+    """Checkpoints kept per run (the newest)."""
+    resume: bool = True
+    """Resume a run with the same name from its last checkpoint; false deletes that run's folder first."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"ray_train.num_workers must be >= 1, got {self.num_workers}")
+        if self.use_gpu not in GPU_USE:
+            raise ConfigError(f"ray_train.use_gpu must be one of {list(GPU_USE)}, got {self.use_gpu!r}")
+        if not 0 < self.cpus_per_worker <= 256:
+            raise ConfigError(f"ray_train.cpus_per_worker must be in (0, 256], got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"ray_train.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if not self.storage_path.strip():
+            raise ConfigError("ray_train.storage_path must be a path or URI, got an empty string")
+        if self.num_to_keep < 1:
+            raise ConfigError(f"ray_train.num_to_keep must be >= 1, got {self.num_to_keep}")
+
+
+def _check_domains_field(name: str, domains: tuple[str, ...]) -> None:
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown or len(set(domains)) != len(domains):
+        raise ConfigError(f"{name} must be distinct names from {list(DOMAINS)} (or [] = all), got {list(domains)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRetrieverConfig:
+    """``jobs/train_retriever.py``: fine-tune one retriever R_d per domain with the InfoNCE of Eq. 1."""
+
+    dataset_dir: str = "artifacts/data/synthetic"
+    """Needs ``corpus.parquet`` (train pairs) and ``samples_val.parquet`` (validation reports)."""
+    init_encoder_dir: str = "artifacts/models/init/encoder"
+    """The dual encoder every retriever starts from: the tiny init encoder or a real open_clip/BiomedCLIP dir."""
+    out_dir: str = "artifacts/models/retriever"
+    """Receives ``<domain>/`` (one dual-encoder dir each) and ``metrics.json``; with ``domain_agnostic``
+    the single retriever is written to ``out_dir`` itself."""
+    domains: tuple[str, ...] = ()
+    """Domains to train (``[]`` = every domain in the corpus)."""
+    domain_agnostic: bool = False
+    """Train one retriever on every domain's pairs (the baseline MMed-RAG's per-domain R_d improves on)."""
+    run_name: str = "retriever"
+    """Ray Train run name prefix; runs are ``<run_name>-<domain>`` (``-all`` when domain-agnostic)."""
+    overwrite: bool = False
+    train: TrainLoopConfig = TrainLoopConfig()
+    ray_train: RayTrainConfig = RayTrainConfig()
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_dir", "init_encoder_dir", "out_dir", "run_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        _check_domains_field("domains", self.domains)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRouterConfig:
+    """``jobs/train_router.py``: fine-tune the domain router F(x_v) (image tower + linear head)."""
+
+    dataset_dir: str = "artifacts/data/synthetic"
+    """Needs ``samples_train.parquet`` and ``samples_val.parquet`` (Sample rows with inline images; the
+    label is ``domain``); the real-data set of ``jobs/make_routing_data.py`` has the same layout."""
+    init_encoder_dir: str = "artifacts/models/init/encoder"
+    out_dir: str = "artifacts/models/router"
+    domains: tuple[str, ...] = ()
+    """The router's classes (``[]`` = every domain in the training split)."""
+    run_name: str = "router"
+    overwrite: bool = False
+    train: TrainLoopConfig = TrainLoopConfig(epochs=6, lr=5e-4)
+    ray_train: RayTrainConfig = RayTrainConfig()
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_dir", "init_encoder_dir", "out_dir", "run_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        _check_domains_field("domains", self.domains)
+
+
+# ------------------------------------------------------------------ embedding + index build (issue 3)
+
+INDEX_JOB_MODES: tuple[str, ...] = ("build", "add")
+EMBED_DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildIndexConfig:
+    """``jobs/build_index.py``: embed a corpus with Ray Data and build (or extend) the per-domain FAISS indexes.
+
+    Encoders: ``encoder_dir``, when set, embeds every domain (e.g. ``artifacts/models/init/encoder``, the
+    untrained baseline, or ``artifacts/models/retriever_all``) and ``retrievers_dir`` is ignored; otherwise
+    each domain ``d`` uses ``retrievers_dir/d/`` (``jobs/train_retriever.py``).
+    """
+
+    corpus_path: str = "artifacts/data/synthetic/corpus.parquet"
+    """A Parquet file or folder of CorpusDoc rows; with ``mode=add``, only the documents to add."""
+    out_dir: str = "artifacts/index"
+    """The index store (manifest.json, text/, image/, embeddings/, docs/, rejects.jsonl)."""
+    retrievers_dir: str = "artifacts/models/retriever"
+    """One ``<domain>/`` dual-encoder directory per domain (the trained retrievers R_d)."""
+    encoder_dir: str = ""
+    """One dual encoder for every domain; when set it takes precedence over ``retrievers_dir``."""
+    mode: str = "build"
+    """``build``: write a new store (atomically); ``add``: append documents to the store in ``out_dir``."""
+    overwrite: bool = False
+    """``mode=build``: replace an existing store (only once the new one is complete)."""
+    domains: tuple[str, ...] = ()
+    """Index only these domains (``[]`` = every domain in the corpus)."""
+    image_root: str = ""
+    """Folder that relative ``image_path`` values are resolved against (``""`` = as given)."""
+    device: str = "auto"
+    """Where each actor embeds: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``."""
+    batch_size: int = 64
+    """Documents per encoder forward pass (and per Ray Data block sent to an actor)."""
+    num_actors: int = 2
+    """Embedding actors per domain (each loads the encoder once; one GPU each on GPU clusters)."""
+    max_actors: int = 0
+    """0 = a fixed pool of ``num_actors``; > num_actors = an autoscaling pool ``(num_actors, max_actors)``."""
+    index: Any = None
+    """FAISS settings: ``medrag_ray.retrieval.index.IndexConfig`` fields (``index.kind=hnsw``, ``index.nlist``,
+    ...); ``None`` = IndexConfig() defaults (exact flat inner product). Ignored by ``mode=add``, which keeps
+    the existing indexes' settings."""
+    ray: RayConfig = RayConfig()
+
+    def __post_init__(self) -> None:
+        for name in ("corpus_path", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a path, got an empty string")
+        if not self.encoder_dir.strip() and not self.retrievers_dir.strip():
+            raise ConfigError(
+                "set retrievers_dir (one <domain>/ retriever each, from jobs/train_retriever.py) or encoder_dir "
+                "(one encoder for all domains, e.g. artifacts/models/init/encoder)"
+            )
+        if self.mode not in INDEX_JOB_MODES:
+            raise ConfigError(f"mode must be one of {list(INDEX_JOB_MODES)}, got {self.mode!r}")
+        if self.mode == "add" and self.overwrite:
+            raise ConfigError("overwrite=true has no meaning with mode=add (add never replaces the store); drop it")
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown or len(set(self.domains)) != len(self.domains):
+            raise ConfigError(
+                f"domains must be distinct names from {list(DOMAINS)} (or [] = all), got {list(self.domains)}"
+            )
+        if self.device not in EMBED_DEVICES:
+            raise ConfigError(f"device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_actors < 1:
+            raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.max_actors != 0 and self.max_actors < self.num_actors:
+            raise ConfigError(
+                f"max_actors={self.max_actors} must be 0 (fixed pool) or >= num_actors={self.num_actors}"
+            )
+        if self.index is not None:
+            object.__setattr__(self, "index", _index_config(self.index))
+
+    def index_config(self) -> Any:
+        """The FAISS settings as an ``IndexConfig`` (defaults when ``index`` is None)."""
+        return self.index if self.index is not None else _index_config({})
+
+    def actor_pool_size(self) -> int | tuple[int, int]:
+        """``num_actors``, or ``(num_actors, max_actors)`` for an autoscaling pool."""
+        return (self.num_actors, self.max_actors) if self.max_actors > self.num_actors else self.num_actors
+
+
+def _index_config(value: Any) -> Any:
+    """``value`` (an IndexConfig or a mapping of its fields) as an IndexConfig; imported here, not at module
+    level, because medrag_ray.retrieval.index imports this module."""
+    from medrag_ray.retrieval.index import IndexConfig
+
+    if isinstance(value, IndexConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"index must be a mapping of IndexConfig fields, got {value!r}")
+    names = [f.name for f in dataclasses.fields(IndexConfig)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key index.{unknown[0]}; valid keys under index: {', '.join(names)}")
+    return IndexConfig(**value)
+
+
+# ------------------------------------------------------------------------------------- the pipeline
+
+PIPELINE_STEPS: tuple[str, ...] = ("make_data", "prepare_models", "train_router", "train_retriever", "build_index")
+"""The pipeline's steps in order; later issues append mining, alignment and serving."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +781,14 @@ class PipelineConfig:
     """Re-run the selected steps even when their outputs exist."""
     data: SyntheticDataConfig = SyntheticDataConfig()
     models: TinyModelsConfig = TinyModelsConfig()
+    router_train: TrainLoopConfig = TrainLoopConfig(epochs=6, lr=5e-4)
+    """``train`` of ``jobs/train_router.py``."""
+    retriever_train: TrainLoopConfig = TrainLoopConfig(epochs=20)
+    """``train`` of ``jobs/train_retriever.py`` (one run per domain)."""
+    ray_train: RayTrainConfig = RayTrainConfig(storage_path="ray_train")
+    """Ray Train settings of both training steps (runs are named router / retriever-<domain>); a relative
+    ``storage_path`` is taken under ``artifacts_dir``. ``rebuild=true`` also sets ``resume=false``."""
+    ray: RayConfig = RayConfig(num_cpus=4)
 
     def __post_init__(self) -> None:
         if not self.artifacts_dir.strip():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +24,8 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level, format=LOG_FORMAT)
-        for handler in root.handlers:
+    for handler in root.handlers:  # also the handlers Ray installs in its worker processes
+        if _quiet_root_info not in handler.filters:
             handler.addFilter(_quiet_root_info)
     root.setLevel(level)
 
@@ -97,3 +100,17 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    update_hash(h, path)
+    return h.hexdigest()
+
+
+def update_hash(h: Any, path: str | Path) -> None:
+    """Feed a file's bytes to the hash object ``h``, in 1 MiB blocks."""
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)

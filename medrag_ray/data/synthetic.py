@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from medrag_ray.config import SyntheticDataConfig, to_dict
 from medrag_ray.data.schema import DOMAINS, SPLITS, CorpusDoc, Sample, dumps_meta, write_parquet
-from medrag_ray.utils import atomic_output_dir
+from medrag_ray.utils import atomic_output_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -1375,25 +1375,24 @@ def manifest(ds: SyntheticDataset, files: Mapping[str, Mapping[str, Any]]) -> di
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+
+def write_split_samples(samples: Mapping[str, list[Sample]], directory: Path) -> dict[str, dict[str, Any]]:
+    """Write ``samples_<split>.parquet`` for every split into ``directory``; returns rows and sha256 per file."""
+    files: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        name = samples_name(split)
+        rows = write_parquet(samples[split], Sample, directory / name)
+        files[name] = {"rows": rows, "sha256": sha256_file(directory / name)}
+    return files
 
 
 def write_dataset(ds: SyntheticDataset, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the dataset atomically (:func:`~medrag_ray.utils.atomic_output_dir`): a crash never leaves a
     half-written dataset, and an existing one is replaced only once the new one is complete."""
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        files: dict[str, dict[str, Any]] = {}
-        for split in SPLITS:
-            name = samples_name(split)
-            rows = write_parquet(ds.samples[split], Sample, tmp / name)
-            files[name] = {"rows": rows, "sha256": _sha256(tmp / name)}
+        files = write_split_samples(ds.samples, tmp)
         rows = write_parquet(ds.corpus, CorpusDoc, tmp / CORPUS_NAME)
-        files[CORPUS_NAME] = {"rows": rows, "sha256": _sha256(tmp / CORPUS_NAME)}
+        files[CORPUS_NAME] = {"rows": rows, "sha256": sha256_file(tmp / CORPUS_NAME)}
         text = json.dumps(manifest(ds, files), indent=1, sort_keys=True, ensure_ascii=False)
         (tmp / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
     return Path(out_dir)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 CARD_FILE = "medrag_model.json"
 CREATED_BY = "medrag-ray"
 CARD_FORMAT_VERSION = 1
-MODEL_KINDS: tuple[str, ...] = ("dual_encoder", "router", "reader", "tokenizer")
+MODEL_KINDS: tuple[str, ...] = ("dual_encoder", "router", "reader", "tokenizer", "dual_head_retriever")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

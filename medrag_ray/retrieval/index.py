@@ -389,7 +389,7 @@ class DomainIndex:
                     f"{META_FILE}, {IDS_FILE}, {INDEX_FILE}); rebuild it with jobs/build_index.py"
                 )
         meta_path, ids_path, index_path = paths[META_FILE], paths[IDS_FILE], paths[INDEX_FILE]
-        meta = _read_json(meta_path, dict)
+        meta = read_json(meta_path, dict)
         missing = [key for key in ("domain", "model_id", "dim", "kind", "count", "config") if key not in meta]
         if missing:
             raise IndexFileError(f"{meta_path} lacks keys {missing}; the file is damaged, rebuild the index")
@@ -415,7 +415,7 @@ class DomainIndex:
             raise IndexFileError(f"{meta_path}: index dim={meta['dim']}, expected {expected_dim}")
         if cfg.kind != meta["kind"]:
             raise IndexFileError(f"{meta_path}: kind={meta['kind']!r} disagrees with config kind={cfg.kind!r}")
-        ids = _read_json(ids_path, list)
+        ids = read_json(ids_path, list)
         if len(ids) != meta["count"]:
             raise IndexFileError(f"{ids_path} holds {len(ids)} ids but {meta_path} says count={meta['count']}")
         try:
@@ -439,7 +439,8 @@ class DomainIndex:
         )
 
 
-def _read_json(path: Path, expected: type) -> Any:
+def read_json(path: Path, expected: type) -> Any:
+    """A JSON file of the ``expected`` top-level type, or an :class:`IndexFileError` saying to rebuild."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -13,7 +13,8 @@ from medrag_ray.models.reader import load_reader
 from medrag_ray.models.router import load_router
 from medrag_ray.models.tokenizer import answer_token_ids, load_tokenizer
 
-TINY = ["data.n_per_domain=12", "data.n_phenotypes=3", "data.image_size=32", "models.tokenizer_vocab_size=400"]
+TINY = ["data.n_per_domain=12", "data.n_phenotypes=3", "data.image_size=32", "models.tokenizer_vocab_size=400",
+        "steps=[make_data,prepare_models]"]
 
 
 @pytest.mark.slow
@@ -43,7 +44,7 @@ def test_pipeline_builds_then_skips_then_rebuilds(tmp_path: Path, caplog: pytest
     assert {p: p.stat().st_mtime_ns for p in outputs.values()} == stamps
     assert sum("skipping" in r.getMessage() for r in caplog.records) == 2
 
-    pipeline.main(pipeline.parse_args([f"artifacts_dir={tmp_path}", "rebuild=true", "steps=[prepare_models]", *TINY]))
+    pipeline.main(pipeline.parse_args([f"artifacts_dir={tmp_path}", "rebuild=true", *TINY, "steps=[prepare_models]"]))
     assert outputs["prepare_models"].stat().st_mtime_ns != stamps[outputs["prepare_models"]]
     assert outputs["make_data"].stat().st_mtime_ns == stamps[outputs["make_data"]]
 

@@ -1,0 +1,126 @@
+"""The Ray Train shell shared by the training jobs: run :func:`medrag_ray.train.loop.train` in a
+``TorchTrainer``, resume by run name, survive worker failures, and export the final model.
+
+Inside each worker the loop talks to Ray through :class:`RayTrainCoordinator` (``ray.train.get_checkpoint``
+to resume, ``ray.train.report`` with every rank's part of the DeepSpeed checkpoint, which Ray merges into
+one checkpoint folder). A re-run with the same run name and storage path finds the run's snapshot and
+resumes from its last checkpoint; ``FailureConfig(max_failures)`` restarts the worker group from that
+checkpoint when a worker dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from jobs.runtime import cluster_has_gpu
+from medrag_ray.config import RayTrainConfig, TrainLoopConfig
+from medrag_ray.train.loop import MODEL_DIR, STATE_FILE, TrainTask, train
+from medrag_ray.utils import setup_logging
+
+logger = logging.getLogger(__name__)
+
+TaskFactory = Callable[[], TrainTask]
+
+
+class RayTrainCoordinator:
+    """The loop's view of Ray Train inside a worker."""
+
+    @contextlib.contextmanager
+    def resume_dir(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)))
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: build the task from its factory and run the loop."""
+    setup_logging()
+    task: TrainTask = config["task_factory"]()
+    train(task, config["settings"], RayTrainCoordinator())
+
+
+def resolve_storage(storage_path: str) -> str:
+    """A URI stays as it is; a local path becomes absolute (Ray Train requires it)."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
+
+
+def use_gpu(cfg: RayTrainConfig) -> bool:
+    if cfg.use_gpu == "auto":
+        return cluster_has_gpu()
+    return cfg.use_gpu == "always"
+
+
+def fit(
+    name: str,
+    task_factory: TaskFactory,
+    train_cfg: TrainLoopConfig,
+    ray_train_cfg: RayTrainConfig,
+    worker_fn: Callable[[dict[str, Any]], None] = train_worker,
+) -> ray.train.Result:
+    """Run one Ray Train job named ``name``; raises with the run's error if it failed for good.
+
+    ``worker_fn`` is the per-worker function (tests wrap :func:`train_worker` to inject failures).
+    """
+    storage = resolve_storage(ray_train_cfg.storage_path)
+    run_dir = Path(storage) / name
+    if not ray_train_cfg.resume and "://" not in storage and run_dir.exists():
+        logger.info("ray_train.resume=false: deleting the previous run folder %s", run_dir)
+        shutil.rmtree(run_dir)
+    gpu = use_gpu(ray_train_cfg)
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config={"task_factory": task_factory, "settings": train_cfg},
+        scaling_config=ScalingConfig(
+            num_workers=ray_train_cfg.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": ray_train_cfg.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=ray_train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_train_cfg.num_to_keep),
+        ),
+    )
+    logger.info(
+        "%s: Ray Train with %d %s worker(s), ZeRO-%d, storage %s",
+        name, ray_train_cfg.num_workers, "GPU" if gpu else "CPU", train_cfg.zero_stage, run_dir,
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise RuntimeError(
+            f"{name}: training failed after {ray_train_cfg.max_failures} allowed worker failure(s): {exc}\n"
+            f"Fix the cause and re-run the same command to resume from the last checkpoint in {run_dir}"
+        ) from exc
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint; check the worker logs in {run_dir}")
+    return result
+
+
+def export_result(result: ray.train.Result, out_dir: Path) -> dict[str, Any]:
+    """Copy the final checkpoint's exported model to ``out_dir``; returns its trainer state (metric history)."""
+    with result.checkpoint.as_directory() as directory:
+        checkpoint = Path(directory)
+        if not (checkpoint / MODEL_DIR).is_dir():
+            raise RuntimeError(f"checkpoint {checkpoint} has no {MODEL_DIR}/; it was not written by this job")
+        shutil.copytree(checkpoint / MODEL_DIR, out_dir, dirs_exist_ok=True)
+        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
