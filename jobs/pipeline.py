@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python jobs/pipeline.py artifacts_dir=/abs/artifacts
 
 Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models`` ->
-``train_router`` -> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data).
+``train_router`` -> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data) ->
+``train_reader`` (RAG-SFT with LoRA, Ray Train) -> ``mine_prefs`` (preference pairs, Ray Data).
 Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
@@ -21,12 +22,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import build_index, make_data, prepare_models, train_retriever, train_router
+from jobs import build_index, make_data, mine_prefs, prepare_models, train_reader, train_retriever, train_router
 from medrag_ray.config import (
     BuildIndexConfig,
     MakeDataConfig,
+    MinePrefsConfig,
     PipelineConfig,
     PrepareModelsConfig,
+    ReaderContextConfig,
+    TrainReaderConfig,
     TrainRetrieverConfig,
     TrainRouterConfig,
     parse_job_args,
@@ -51,6 +55,8 @@ def steps(cfg: PipelineConfig) -> list[Step]:
     root = Path(cfg.artifacts_dir)
     data_dir, models_dir = root / "data" / "synthetic", root / "models" / "init"
     router_dir, retriever_dir, index_dir = root / "models" / "router", root / "models" / "retriever", root / "index"
+    reader_dir, prefs_dir = root / "models" / "reader", root / "prefs"
+    context = ReaderContextConfig(router_dir=str(router_dir), index_dir=str(index_dir))
     storage = cfg.ray_train.storage_path
     if "://" not in storage and not Path(storage).is_absolute():
         storage = str(root / storage)  # relative to artifacts_dir, so the runs live beside the models
@@ -99,6 +105,27 @@ def steps(cfg: PipelineConfig) -> list[Step]:
                 BuildIndexConfig(
                     corpus_path=str(data_dir / "corpus.parquet"), out_dir=str(index_dir),
                     retrievers_dir=str(retriever_dir), overwrite=cfg.rebuild, ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
+            "train_reader",
+            reader_dir / "metrics.json",
+            lambda: train_reader.main(
+                TrainReaderConfig(
+                    dataset_dir=str(data_dir), reader_dir=str(models_dir / "reader"), out_dir=str(reader_dir),
+                    data_dir=str(root / "data" / "reader_sft"), context=context, overwrite=cfg.rebuild,
+                    train=cfg.reader_train, ray_train=ray_train, ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
+            "mine_prefs",
+            prefs_dir / "summary.json",
+            lambda: mine_prefs.main(
+                MinePrefsConfig(
+                    samples_path=str(data_dir / "samples_train.parquet"), reader_dir=str(reader_dir),
+                    context=context, out_dir=str(prefs_dir), limit=cfg.mining_limit, build_missing=False, ray=cfg.ray,
                 )
             ),
         ),

@@ -20,6 +20,7 @@ import yaml
 
 from medrag_ray.data.schema import DOMAINS
 from medrag_ray.models.configs import DualEncoderConfig, ReaderConfig
+from medrag_ray.retrieval.retrieval_config import RetrievalConfig
 
 T = TypeVar("T")
 
@@ -763,9 +764,161 @@ def _index_config(value: Any) -> Any:
     return IndexConfig(**value)
 
 
+# ---------------------------------------------------------------- reader RAG-SFT and mining (issue 4)
+
+PROMPT_STYLES: tuple[str, ...] = ("mmed", "jomed")
+READER_TASKS: tuple[str, ...] = ("closed", "report")
+DEFAULT_READER_RETRIEVAL = RetrievalConfig(k=5, k_max=3, adaptive="gap", gamma=0.1)
+"""Top-5 from the domain index, at most 3 kept by the paper's gap rule (the tiny reader's context is 512 tokens)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the reader's language model (peft). The reference code adapts every linear layer except the
+    vision tower, the projector and ``lm_head`` (r=128, alpha=256, dropout 0.05 for a 7B model)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+    """Module-name suffixes to adapt (``[]`` = every ``nn.Linear`` of the language model, as the reference)."""
+    modules_to_save: tuple[str, ...] = ("multi_modal_projector", "lm_head")
+    """Modules trained in full beside the adapters (peft ``modules_to_save``). The tiny reader is random: its
+    projector must learn to make image features readable, and its ``lm_head`` (init std 0.02, after a unit
+    RMSNorm) cannot give any token a logit margin above ~1, so LoRA alone stays at chance. For a pretrained
+    VLM set ``[]`` (the reference code trains adapters only)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderContextConfig:
+    """Where a reader job's retrieved context comes from (router -> domain retriever -> adaptive-k)."""
+
+    router_dir: str = "artifacts/models/router"
+    index_dir: str = "artifacts/index"
+    retrieval: RetrievalConfig = DEFAULT_READER_RETRIEVAL
+    style: str = "mmed"
+    """``mmed``: retrieved reports numbered in the prompt (MMed-RAG); ``jomed``: each retrieved (image, text)
+    pair prepended to the query (JOMED)."""
+
+    def __post_init__(self) -> None:
+        if self.style not in PROMPT_STYLES:
+            raise ConfigError(f"style must be one of {list(PROMPT_STYLES)}, got {self.style!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainReaderConfig:
+    """``jobs/train_reader.py``: retrieval-augmented SFT of the reader with LoRA (JOMED stage 1)."""
+
+    dataset_dir: str = "artifacts/data/synthetic"
+    """Needs ``samples_train.parquet`` and ``samples_val.parquet`` (Sample rows with inline images)."""
+    reader_dir: str = "artifacts/models/init/reader"
+    """The reader to fine-tune: the tiny init reader or a real local VLM directory (Hugging Face format)."""
+    out_dir: str = "artifacts/models/reader"
+    """Receives the merged reader (``load_reader`` loads it), ``adapter/`` (the LoRA weights) and ``metrics.json``."""
+    data_dir: str = "artifacts/data/reader_sft"
+    """Where the driver writes the SFT examples with their retrieved context (``train.parquet``, ``val.parquet``)
+    for the workers to read; on a multi-node cluster put it on shared storage."""
+    context: ReaderContextConfig = ReaderContextConfig()
+    tasks: tuple[str, ...] = ("closed",)
+    """Sample kinds to train on: ``closed`` (yes/no questions) and/or ``report`` (report generation)."""
+    rag_fraction: float = 0.5
+    """Share of training examples that get the retrieved context in the prompt; the rest are asked without,
+    so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares)."""
+    max_val: int = 240
+    """Validation examples scored each epoch (closed accuracy with and without retrieval)."""
+    run_name: str = "reader-sft"
+    overwrite: bool = False
+    lora: LoraSettings = LoraSettings()
+    train: TrainLoopConfig = TrainLoopConfig(epochs=4, batch_size=8, lr=2e-3, warmup_fraction=0.05)
+    ray_train: RayTrainConfig = RayTrainConfig()
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_dir", "reader_dir", "out_dir", "data_dir", "run_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        bad = [t for t in self.tasks if t not in READER_TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"tasks must be a non-empty subset of {list(READER_TASKS)}, got {list(self.tasks)}")
+        if not 0.0 <= self.rag_fraction <= 1.0:
+            raise ConfigError(f"rag_fraction must be in [0, 1], got {self.rag_fraction!r}")
+        if self.max_val < 0:
+            raise ConfigError(f"max_val must be >= 0, got {self.max_val!r}")
+
+
+DCM_RULE_CHOICES: tuple[str, ...] = ("algorithm", "text")
+NOISE_KIND_CHOICES: tuple[str, ...] = ("diffusion", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class MinePrefsConfig:
+    """``jobs/mine_prefs.py``: mine RAG-PT preference pairs (D_cm, D_oa1, D_oa2) with Ray Data."""
+
+    samples_path: str = "artifacts/data/synthetic/samples_train.parquet"
+    """Sample Parquet (file or directory) to mine; only closed (yes/no) questions give pairs, others are rejected."""
+    reader_dir: str = "artifacts/models/reader"
+    """The reader M (``jobs/train_reader.py`` output, or any reader / real local VLM directory)."""
+    context: ReaderContextConfig = ReaderContextConfig()
+    out_dir: str = "artifacts/prefs"
+    """Ledger, ``pairs/``, ``alignment/``, ``rejects.jsonl`` and ``summary.json``; re-running resumes it."""
+    dcm_rule: str = "algorithm"
+    """D_cm reading: ``algorithm`` (Algorithm 1, 3 reader passes) or ``text`` (§2.3 wording, a 4th pass)."""
+    noise_kind: str = "diffusion"
+    """``diffusion`` (Eq. 2, the paper) or ``gaussian`` (clipped N(0,1), the released trainer)."""
+    noise_step: int = 500
+    """Diffusion step s in [0, 999] of x_v* (500 keeps sqrt(xi_bar) ~ 0.6 of the least-similar image)."""
+    route: bool = True
+    """Pick the domain with the router F(x_v) (the paper); false uses each sample's labelled domain."""
+    seed: int = 0
+    limit: int = 0
+    """Mine only the first ``limit`` samples (0 = all)."""
+    batch_size: int = 32
+    """Samples per actor batch (the unit of the exactly-once ledger)."""
+    reader_batch_size: int = 32
+    """Reader inputs per forward pass inside an actor."""
+    num_actors: int = 2
+    device: str = "auto"
+    """Reader and retriever device in the actors: auto (cuda when the actor has a GPU), cpu or cuda."""
+    shard_size: int = 5000
+    """Pairs per output Parquet part."""
+    build_missing: bool = True
+    """Build missing prerequisites (data, router, retrievers, index, reader) with the pipeline first, saying so."""
+    artifacts_dir: str = "artifacts"
+    """Where the pipeline builds the prerequisites (only used when something is missing)."""
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("samples_path", "reader_dir", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        if self.dcm_rule not in DCM_RULE_CHOICES:
+            raise ConfigError(f"dcm_rule must be one of {list(DCM_RULE_CHOICES)}, got {self.dcm_rule!r}")
+        if self.noise_kind not in NOISE_KIND_CHOICES:
+            raise ConfigError(f"noise_kind must be one of {list(NOISE_KIND_CHOICES)}, got {self.noise_kind!r}")
+        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step <= 999:
+            raise ConfigError(f"noise_step must be an integer in [0, 999], got {self.noise_step!r}")
+        for name in ("batch_size", "reader_batch_size", "num_actors", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
 # ------------------------------------------------------------------------------------- the pipeline
 
-PIPELINE_STEPS: tuple[str, ...] = ("make_data", "prepare_models", "train_router", "train_retriever", "build_index")
+PIPELINE_STEPS: tuple[str, ...] = (
+    "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "train_reader", "mine_prefs",
+)
 """The pipeline's steps in order; later issues append mining, alignment and serving."""
 
 
@@ -785,8 +938,12 @@ class PipelineConfig:
     """``train`` of ``jobs/train_router.py``."""
     retriever_train: TrainLoopConfig = TrainLoopConfig(epochs=20)
     """``train`` of ``jobs/train_retriever.py`` (one run per domain)."""
+    reader_train: TrainLoopConfig = dataclasses.replace(TrainReaderConfig().train, epochs=2)
+    """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT)."""
+    mining_limit: int = 320
+    """``limit`` of ``jobs/mine_prefs.py`` (0 = mine every train sample; about 30 min on 2 cores)."""
     ray_train: RayTrainConfig = RayTrainConfig(storage_path="ray_train")
-    """Ray Train settings of both training steps (runs are named router / retriever-<domain>); a relative
+    """Ray Train settings of the training steps (runs are named router / retriever-<domain> / reader-sft); a relative
     ``storage_path`` is taken under ``artifacts_dir``. ``rebuild=true`` also sets ``resume=false``."""
     ray: RayConfig = RayConfig(num_cpus=4)
 

@@ -127,6 +127,9 @@ class PreferencePair:
     chosen_noised: int = 0
     rejected_noised: int = 0
     meta: str = "{}"
+    noised_image_bytes: bytes | None = None
+    """The noisy image x_v* (PNG) of a side marked noised, when the pair was mined here; None in MMed-RAG's
+    released files, whose trainer regenerates the noise."""
 
     def __post_init__(self) -> None:
         _check_nonempty("id", self.id)

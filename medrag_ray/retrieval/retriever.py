@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +64,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from medrag_ray.data.schema import CORPUS_SCHEMA, CorpusDoc, RecordError, from_rows
+from medrag_ray.mining.noise import least_similar
 from medrag_ray.models.common import (
     ModelCard,
     ModelLoadError,
@@ -780,13 +781,20 @@ class MultimodalRetriever:
         questions: Sequence[str | None] | None = None,
         domains: Sequence[str] | None = None,
         cfg: RetrievalConfig | None = None,
+        exclude_ids: Sequence[Collection[str]] | None = None,
     ) -> list[RetrievalResult]:
         """Retrieve for each image (with its optional question) from its domain's index.
 
         ``domains`` skips the router (one domain per image). ``questions`` feed the fused score's
-        ``sim(q_txt, d_txt)`` term (other modes ignore them). Results come back in input order.
+        ``sim(q_txt, d_txt)`` term (other modes ignore them). ``exclude_ids`` (one collection per image) drops
+        those documents before adaptive-k -- a training sample's own report is in the corpus, and retrieving it
+        would teach the reader to copy. Results come back in input order.
         """
         cfg = cfg or self.cfg
+        if exclude_ids is not None and len(exclude_ids) != len(images):
+            raise ValueError(f"got {len(exclude_ids)} exclude_ids for {len(images)} images; pass one collection each")
+        extra = max((len(e) for e in exclude_ids), default=0) if exclude_ids is not None else 0
+        search_cfg = dataclasses.replace(cfg, k=cfg.k + extra) if extra else cfg
         images = list(images)
         n = len(images)
         if n == 0:
@@ -813,9 +821,12 @@ class MultimodalRetriever:
         for domain, members in groups.items():
             res = self._resources[domain]
             group_questions = [questions[i] for i in members] if questions is not None else None
-            ranked = self._retrieve_group(res, [images[i] for i in members], group_questions, cfg)
+            ranked = self._retrieve_group(res, [images[i] for i in members], group_questions, search_cfg)
             temperature = cfg.temperature or 1.0 / float(res.retriever.encoder.logit_scale)
             for i, (ids, scores) in zip(members, ranked, strict=True):
+                if extra:
+                    keep = [j for j, doc_id in enumerate(ids) if doc_id not in exclude_ids[i]][: cfg.k]
+                    ids, scores = [ids[j] for j in keep], scores[keep]
                 k_kept = _adaptive_k(scores, cfg, temperature)
                 hits = [self._hit(res, doc_id, float(score), rank, rank < k_kept)
                         for rank, (doc_id, score) in enumerate(zip(ids, scores, strict=True))]
@@ -823,6 +834,35 @@ class MultimodalRetriever:
                     domain=domain, domain_confidence=routed[i][1], hits=hits, k_kept=k_kept, mode=cfg.mode
                 )
         return [r for r in results if r is not None]
+
+    @torch.inference_mode()
+    def least_similar_docs(
+        self, images: Sequence[Image.Image], domains: Sequence[str], batch_size: int | None = None
+    ) -> list[CorpusDoc]:
+        """For each image, the document of its domain whose image is the least similar to it (cosine of the
+        retriever's image embeddings): MMed-RAG's x'_v, the start of the noisy image x_v* (Eq. 2)."""
+        if len(domains) != len(images):
+            raise ValueError(f"got {len(domains)} domains for {len(images)} images; pass one per image")
+        bs = batch_size or self.cfg.batch_size
+        out: list[CorpusDoc | None] = [None] * len(images)
+        groups: dict[str, list[int]] = {}
+        for i, domain in enumerate(domains):
+            groups.setdefault(domain, []).append(i)
+        for domain, members in groups.items():
+            res = self.resources(domain)
+            emb = res.doc_embeddings()
+            has_image = np.linalg.norm(emb.image, axis=1) > 0
+            if not has_image.any():
+                raise ValueError(f"domain {domain!r} has no document images; the noisy image needs an image index")
+            candidates = np.flatnonzero(has_image)
+            query = torch.cat([
+                res.retriever.encode_query_images(res.retriever.encoder.preprocess([images[i] for i in chunk]))
+                for chunk in (members[s : s + bs] for s in range(0, len(members), bs))
+            ]).cpu().numpy()
+            picks = least_similar(query, emb.image[candidates])
+            for i, row in zip(members, picks, strict=True):
+                out[i] = res.docs[emb.ids[int(candidates[row])]]
+        return [doc for doc in out if doc is not None]
 
     @staticmethod
     def _hit(res: DomainResources, doc_id: str, score: float, rank: int, kept: bool) -> Hit:

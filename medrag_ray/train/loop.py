@@ -116,7 +116,8 @@ def train(task: TrainTask, settings: TrainLoopConfig, coordinator: Coordinator) 
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=settings.seed, drop_last=True
     )
-    loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=True)
+    collate = getattr(task, "collate", None)  # tasks with variable-length examples (the reader) supply one
+    loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, drop_last=True, collate_fn=collate)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(

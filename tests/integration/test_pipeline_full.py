@@ -1,19 +1,26 @@
 """The README's main job end to end on a tiny default: data -> models -> Ray Train router and retrievers ->
-Ray Data index -> the retrieval API over what the pipeline wrote."""
+Ray Data index -> reader RAG-SFT -> preference mining, then the retrieval API over what the pipeline wrote,
+and the mining job's exactly-once guarantees (a killed actor, a resumed run) on the same artifacts."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import ray.cloudpickle
 
-from jobs import pipeline
+from jobs import mine_prefs, pipeline
 from jobs.runtime import shutdown_ray
-from medrag_ray.config import PIPELINE_STEPS
+from medrag_ray.config import PIPELINE_STEPS, MinePrefsConfig
 from medrag_ray.data.readers.common import load_image
-from medrag_ray.data.schema import CorpusDoc, read_parquet
+from medrag_ray.data.schema import CorpusDoc, Sample, read_parquet
 from medrag_ray.eval.classification import classification_report
+from medrag_ray.mining.store import MiningStore
 from medrag_ray.models.router import load_router
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
 from medrag_ray.retrieval.retriever import MultimodalRetriever
@@ -22,19 +29,31 @@ from medrag_ray.train.tasks import predict_domains
 
 pytestmark = pytest.mark.slow
 
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors run this module's store subclass
+
+MINING_LIMIT = 40
+
 TINY = [
     "data.domains=[radiology,pathology]", "data.n_per_domain=18", "data.n_phenotypes=3", "data.image_size=32",
     "models.tokenizer_vocab_size=400",
     "models.encoder.image_size=32", "models.reader.image_size=32", "router_train.epochs=3", "router_train.batch_size=4",
-    "retriever_train.epochs=1", "retriever_train.batch_size=4",
+    "retriever_train.epochs=1", "retriever_train.batch_size=4", "reader_train.epochs=1", "reader_train.batch_size=4",
+    f"mining_limit={MINING_LIMIT}",
 ]
 
 
-def test_pipeline_trains_indexes_and_retrieves(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     try:
         outputs = pipeline.main(pipeline.parse_args([f"artifacts_dir={tmp_path}", *TINY]))
     finally:
         shutdown_ray()
+    return tmp_path, outputs
+
+
+def test_pipeline_trains_indexes_and_retrieves(built: tuple[Path, dict[str, Path]]) -> None:
+    tmp_path, outputs = built
     assert list(outputs) == list(PIPELINE_STEPS)
     domains = ["pathology", "radiology"]
     router_metrics = json.loads(outputs["train_router"].read_text())
@@ -68,3 +87,79 @@ def test_pipeline_trains_indexes_and_retrieves(tmp_path: Path) -> None:
         assert [h.kept for h in result.hits] == [True] * result.k_kept + [False] * (5 - result.k_kept)
         assert 1 <= result.k_kept <= 5
         assert all(ids[h.doc_id].domain == doc.domain and h.text == ids[h.doc_id].text for h in result.hits)
+
+    reader_metrics = json.loads(outputs["train_reader"].read_text())
+    assert [h["epoch"] for h in reader_metrics["history"]] == [1]
+    assert (tmp_path / "models" / "reader" / "adapter").is_dir()
+    summary = json.loads(outputs["mine_prefs"].read_text())
+    samples = read_parquet(tmp_path / "data" / "synthetic" / "samples_train.parquet", Sample)[:MINING_LIMIT]
+    closed = [s for s in samples if s.answer_type == "closed"]
+    assert summary["samples_mined"] == len(closed) and summary["samples_rejected"] == len(samples) - len(closed)
+    pairs = MiningStore(tmp_path / "prefs").pairs()
+    assert summary["pairs"] == len(pairs) == sum(summary["pairs_by_type"].values())
+    assert summary["alignment"]["cr_numerator"] == summary["pairs_by_type"].get("cm", 0)
+    assert summary["alignment"]["or_numerator"] == summary["pairs_by_type"].get("oa2", 0)
+    by_id = {s.id: s for s in closed}
+    for pair in pairs:
+        sample = by_id[pair.id.rsplit("/", 1)[0]]
+        truth = sample.answer.strip().lower()
+        assert pair.chosen == truth and pair.image_bytes == sample.image_bytes
+        assert (pair.rejected == truth) == (pair.pair_type == "cm")  # D_cm rejects the right answer on x_v*
+        assert (pair.noised_image_bytes is not None) == (pair.rejected_noised == 1) == (pair.pair_type == "cm")
+
+
+def mined_pairs(out_dir: Path) -> list[tuple]:
+    """Every field of every pair, except p(yes) in meta (float sums may differ in the last bit across batchings)."""
+    return [(p.id, p.prompt, p.chosen, p.rejected, p.rejected_noised, p.noised_image_bytes,
+             {k: v for k, v in json.loads(p.meta).items() if k != "p_yes"}) for p in MiningStore(out_dir).pairs()]
+
+
+class KillOnceStore(MiningStore):
+    """Dies (SIGKILL, the actor's whole process) after a batch's pairs are written but before its done record:
+    the worst moment for exactly-once. Only the first time: the marker file says it happened."""
+
+    marker: Path
+
+    def _write_done(self, key, rows):  # noqa: ANN001
+        if not self.marker.exists():
+            self.marker.write_text(key)
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._write_done(key, rows)
+
+
+def mine_cfg(root: Path, out_dir: Path, **kw) -> MinePrefsConfig:  # noqa: ANN003
+    return mine_prefs.parse_args([
+        f"samples_path={root / 'data' / 'synthetic' / 'samples_train.parquet'}",
+        f"reader_dir={root / 'models' / 'reader'}", f"context.router_dir={root / 'models' / 'router'}",
+        f"context.index_dir={root / 'index'}", f"out_dir={out_dir}", f"limit={MINING_LIMIT}", "batch_size=8",
+        "build_missing=false", *[f"{k}={v}" for k, v in kw.items()],
+    ])
+
+
+def test_mining_survives_a_killed_actor_and_resumes_exactly_once(built, tmp_path) -> None:  # noqa: ANN001
+    root, _ = built
+    reference = mined_pairs(root / "prefs")  # the pipeline's uninterrupted run (batch_size 32)
+    marker = tmp_path / "killed"
+
+    class Killing(mine_prefs.MinerActor):
+        store_cls = type("Store", (KillOnceStore,), {"marker": marker})
+
+    try:
+        summary = mine_prefs.main(mine_cfg(root, tmp_path / "killed_run"), actor_cls=Killing)
+        assert marker.exists()  # an actor really died mid-batch
+        assert summary["this_run"]["samples"] == MINING_LIMIT
+        assert mined_pairs(tmp_path / "killed_run") == reference  # nothing lost, nothing duplicated
+
+        # a crash between batches: drop half of the ledger's done records, re-run, only those are mined again
+        store = MiningStore(tmp_path / "killed_run")
+        dropped = store.done_files()[::2]
+        n_dropped = sum(len(pq.read_table(f)) for f in dropped)
+        for f in dropped:
+            f.unlink()
+        summary = mine_prefs.main(mine_cfg(root, tmp_path / "killed_run"))
+        assert summary["this_run"]["samples"] == n_dropped
+        assert mined_pairs(tmp_path / "killed_run") == reference
+        summary = mine_prefs.main(mine_cfg(root, tmp_path / "killed_run"))
+        assert summary["this_run"]["samples"] == 0 and summary["pairs"] == len(reference)
+    finally:
+        shutdown_ray()

@@ -1,0 +1,222 @@
+"""Running the reader: closed answers scored from the answer-token logits, free generation, SFT examples.
+
+Every input goes through the processor's chat template (:meth:`ReaderInput.messages`), is encoded one example
+at a time (the processor expands each ``<image>`` into the model's image tokens) and batches are
+**left-padded** here, so the last position of every row is its prompt's last token whatever the tokenizer's
+own padding side. A closed question is then one forward pass for the whole batch: the logits at the last
+position, restricted to the choice tokens (``yes`` / ``no`` or class tokens; a choice's capitalised variant is
+pooled with it by log-sum-exp when it is also one token), softmaxed over the choices.
+
+The answer prefix (what the chat template puts between the generation prompt and the answer: one space for
+LLaVA-1.5, nothing for Qwen2-VL) is read from the template itself (:func:`answer_separator`), so the choice
+tokens are the ones the model would actually emit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, ProcessorMixin
+
+from medrag_ray.models.tokenizer import AnswerTokenError, answer_token_ids
+from medrag_ray.reader.prompts import ReaderInput
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_PROBE = "zq"
+"""An answer used to read the chat template's answer separator."""
+
+
+def render(processor: ProcessorMixin, inp: ReaderInput, answer: str | None = None) -> str:
+    """The text of ``inp`` through the processor's chat template (generation prompt, or the full exchange)."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(
+            "the reader's processor has no chat_template; save the processor with one (the original model card's "
+            "template, e.g. LLaVA-1.5's 'USER: <image>\\n... ASSISTANT:') so prompts render as the model was trained"
+        )
+    return processor.apply_chat_template(inp.messages(answer), add_generation_prompt=answer is None, tokenize=False)
+
+
+def answer_separator(processor: ProcessorMixin) -> tuple[str, str]:
+    """``(generation prompt end, separator)``: what the template renders between the prompt and an answer."""
+    probe = ReaderInput(("question",))
+    prompt = render(processor, probe)
+    full = render(processor, probe, answer=_PROBE)
+    if not full.startswith(prompt) or _PROBE not in full[len(prompt) :]:
+        raise ValueError(
+            "the chat template renders the assistant turn in a way that does not extend the generation prompt; "
+            "closed answers cannot be scored from the next-token logits with this template"
+        )
+    rest = full[len(prompt) :]
+    return prompt, rest[: rest.index(_PROBE)]
+
+
+def choice_token_ids(processor: ProcessorMixin, choices: Sequence[str]) -> list[list[int]]:
+    """For each choice, the single-token ids the model can answer it with (the word, and Capitalised if one token)."""
+    prompt, separator = answer_separator(processor)
+    prefix = prompt[-40:]
+    ids: list[list[int]] = []
+    for choice in choices:
+        [main] = answer_token_ids(processor.tokenizer, [choice], prefix=prefix, separator=separator)
+        variants = [main]
+        capital = choice[:1].upper() + choice[1:]
+        if capital != choice:
+            try:
+                [other] = answer_token_ids(processor.tokenizer, [capital], prefix=prefix, separator=separator)
+                variants.append(other)
+            except AnswerTokenError:
+                pass
+        ids.append(variants)
+    flat = [i for v in ids for i in v]
+    if len(set(flat)) != len(flat):
+        raise AnswerTokenError(f"choices {list(choices)} share answer tokens {ids}; they must differ")
+    return ids
+
+
+def pad_id(processor: ProcessorMixin) -> int:
+    tok = processor.tokenizer
+    value = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if value is None:
+        raise ValueError("the reader's tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return int(value)
+
+
+def encode(processor: ProcessorMixin, inp: ReaderInput, answer: str | None = None) -> dict[str, Tensor]:
+    """One example as model inputs (``input_ids`` 1-D). With ``answer``: the full exchange and ``labels``
+    that are ``-100`` on the prompt, so only the answer tokens (and the end-of-turn) are learned."""
+    prompt_text = render(processor, inp)
+    images = inp.images or None
+    prompt = processor(images=images, text=[prompt_text], return_tensors="pt")
+    out = {k: v for k, v in prompt.items()}
+    if answer is not None:
+        full = processor(images=images, text=[render(processor, inp, answer=answer)], return_tensors="pt")
+        n_prompt = prompt["input_ids"].shape[1]
+        if not torch.equal(full["input_ids"][0, :n_prompt], prompt["input_ids"][0]):
+            raise ValueError("the chat template's full exchange does not start with its generation prompt")
+        out = {k: v for k, v in full.items()}
+        labels = full["input_ids"][0].clone()
+        labels[:n_prompt] = IGNORE_INDEX
+        out["labels"] = labels[None]
+    out = {k: (v[0] if k in ("input_ids", "attention_mask", "labels") else v) for k, v in out.items()}
+    return out
+
+
+def collate(examples: Sequence[Mapping[str, Tensor]], pad: int) -> dict[str, Tensor]:
+    """Left-pad ``input_ids``/``attention_mask``/``labels``; concatenate the image tensors in example order."""
+    width = max(int(e["input_ids"].shape[0]) for e in examples)
+    batch: dict[str, Tensor] = {}
+    fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+    for key, value in fill.items():
+        if key not in examples[0]:
+            continue
+        rows = [torch.nn.functional.pad(e[key], (width - e[key].shape[0], 0), value=value) for e in examples]
+        batch[key] = torch.stack(rows)
+    for key in examples[0]:
+        if key not in fill:
+            batch[key] = torch.cat([e[key] for e in examples], dim=0)
+    return batch
+
+
+_OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
+"""Models that derive their (multimodal rope) positions from the attention mask themselves."""
+
+
+def with_positions(model: PreTrainedModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add ``position_ids`` that start at 0 on each row's first real token: a plain forward numbers positions
+    from the first column, so without them a left-padded row would be scored at shifted positions and its
+    answer would depend on the batch it is in."""
+    if getattr(model.config, "model_type", "") in _OWN_POSITIONS or "attention_mask" not in batch:
+        return batch
+    positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return {**batch, "position_ids": positions}
+
+
+@dataclass(frozen=True)
+class ClosedScores:
+    """Probabilities over ``choices`` per input (``probs`` ``[B, C]``, rows sum to 1) and the argmax answers."""
+
+    choices: tuple[str, ...]
+    probs: np.ndarray
+
+    @property
+    def answers(self) -> list[str]:
+        return [self.choices[i] for i in self.probs.argmax(axis=1)]
+
+
+class ReaderEngine:
+    """A loaded reader (model + processor) that scores closed questions and generates, in batches.
+
+    Args:
+        model, processor: from :func:`medrag_ray.models.reader.load_reader` or ``build_tiny_reader``.
+        batch_size: inputs per forward pass.
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, batch_size: int = 16) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.processor = processor
+        self.batch_size = batch_size
+        self.pad = pad_id(processor)
+        self._choice_ids: dict[tuple[str, ...], list[list[int]]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _batch(self, inputs: Sequence[ReaderInput]) -> dict[str, Tensor]:
+        dtype = next(self.model.parameters()).dtype
+        batch = collate([encode(self.processor, inp) for inp in inputs], self.pad)
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+
+    def choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
+        key = tuple(choices)
+        if key not in self._choice_ids:
+            self._choice_ids[key] = choice_token_ids(self.processor, key)
+        return self._choice_ids[key]
+
+    @torch.inference_mode()
+    def score_closed(self, inputs: Sequence[ReaderInput], choices: Sequence[str] = ("yes", "no")) -> ClosedScores:
+        """p(choice | input) from the next-token logits after each prompt: one forward pass per batch."""
+        ids = self.choice_ids(choices)
+        rows: list[np.ndarray] = []
+        for start in range(0, len(inputs), self.batch_size):
+            batch = self._batch(inputs[start : start + self.batch_size])
+            logits = self.model(**with_positions(self.model, batch)).logits[:, -1].float()
+            per_choice = torch.stack([torch.logsumexp(logits[:, v], dim=-1) for v in ids], dim=-1)
+            rows.append(torch.softmax(per_choice, dim=-1).cpu().numpy())
+        probs = np.concatenate(rows) if rows else np.zeros((0, len(ids)), dtype=np.float32)
+        return ClosedScores(tuple(choices), probs)
+
+    @torch.inference_mode()
+    def generate(self, inputs: Sequence[ReaderInput], max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers (decoded new tokens, special tokens dropped, stripped) for open questions and reports."""
+        out: list[str] = []
+        for start in range(0, len(inputs), self.batch_size):
+            batch = self._batch(inputs[start : start + self.batch_size])
+            tokens = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad)
+            new = tokens[:, batch["input_ids"].shape[1] :]
+            out.extend(t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return out
+
+
+def fuse_candidate_probs(candidate_probs: np.ndarray, retriever_probs: np.ndarray) -> np.ndarray:
+    """JOMED inference by logit fusion: p(a|q) = Σ_k p(a | (i_k, t_k)∘q) · p_R(k|q).
+
+    ``candidate_probs`` ``[B, K, C]`` (the reader's answer distribution with candidate k prepended),
+    ``retriever_probs`` ``[B, K]`` (the retriever's distribution over the K candidates; rows sum to 1).
+    """
+    cand = np.asarray(candidate_probs, dtype=np.float64)
+    pr = np.asarray(retriever_probs, dtype=np.float64)
+    if cand.ndim != 3 or pr.shape != cand.shape[:2]:
+        raise ValueError(f"candidate_probs {cand.shape} must be [B, K, C] and retriever_probs {pr.shape} [B, K]")
+    if not np.allclose(pr.sum(axis=1), 1.0, atol=1e-4):
+        raise ValueError("retriever_probs rows must sum to 1 (softmax the retrieval scores over the K candidates)")
+    return np.einsum("bkc,bk->bc", cand, pr)
