@@ -20,7 +20,6 @@ retrieved ids and scores, and the noise (source document, step, kind, seed).
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -211,6 +210,3 @@ def outcomes_of(rows: Sequence[dict[str, Any]]) -> list[ReaderOutcomes]:
         for r in rows
     ]
 
-
-def dumps_outcome(row: dict[str, Any]) -> str:
-    return json.dumps(row, sort_keys=True)

@@ -37,6 +37,7 @@ from medrag_ray.models.reader import load_reader, save_reader
 from medrag_ray.reader.answers import YES_NO
 from medrag_ray.reader.context import SampleContext, reader_input
 from medrag_ray.reader.engine import ReaderEngine, collate, encode, pad_id, with_positions
+from medrag_ray.reader.prompts import ReaderInput
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def read_sft_examples(path: str | Path) -> list[SFTExample]:
     ]
 
 
-def example_input(example: SFTExample, style: str):  # noqa: ANN201 - a ReaderInput
+def example_input(example: SFTExample, style: str) -> ReaderInput:
     image = load_image(example.image_bytes, name=f"sample {example.id}")
     return reader_input(example.sample(), image, example.context(), style)
 
