@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from medrag_ray.data.schema import CorpusDoc, RecordError, Sample
+from medrag_ray.mining.miner import png_bytes
 from medrag_ray.models.dual_encoder import build_dual_encoder
 from medrag_ray.reader.context import (
     SampleContext,
@@ -42,12 +42,6 @@ def grid_images(n: int, seed: int = 0) -> list[Image.Image]:
     ]
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def closed(sample_id: str = "s1", domain: str = "radiology", meta: str = "{}", **kw: object) -> Sample:
     fields: dict[str, object] = dict(
         id=sample_id, domain=domain, split="train", source="test", question="Is there an effusion?",
@@ -69,7 +63,7 @@ def test_self_doc_ids() -> None:
 
 def test_sample_image() -> None:
     image = grid_images(1)[0]
-    got = sample_image(closed(image_bytes=png(image), image_available=True))
+    got = sample_image(closed(image_bytes=png_bytes(image), image_available=True))
     assert np.array_equal(np.asarray(got), np.asarray(image))
     with pytest.raises(RecordError, match="neither image_bytes nor image_path"):
         sample_image(closed())
@@ -110,7 +104,7 @@ def test_reader_input_report_and_open() -> None:
 def test_reader_input_jomed() -> None:
     query, ref1, ref2 = grid_images(3)
     ctx = SampleContext("radiology", 0.5, ("d1", "d2"), ("report one", "report two"), (0.9, 0.7),
-                        (png(ref1), png(ref2)))
+                        (png_bytes(ref1), png_bytes(ref2)))
     inp = reader_input(closed(), query, ctx, style="jomed")
     assert len(inp.parts) == 6
     assert inp.parts[1] == "Reference 1: report one" and inp.parts[3] == "Reference 2: report two"
@@ -118,7 +112,7 @@ def test_reader_input_jomed() -> None:
     assert np.array_equal(np.asarray(inp.parts[2]), np.asarray(ref2))
     assert inp.parts[4] is query
     assert inp.parts[5] == closed_prompt("Is there an effusion?")  # the references are the pairs, not the prompt
-    for images in ((), (png(ref1),), (png(ref1), None)):
+    for images in ((), (png_bytes(ref1),), (png_bytes(ref1), None)):
         missing = SampleContext("radiology", None, ("d1", "d2"), ("a", "b"), (0.9, 0.7), images)
         with pytest.raises(ValueError, match="style=jomed needs every retrieved document's image"):
             reader_input(closed(), query, missing, style="jomed")
@@ -203,7 +197,7 @@ def corpus():
         emb = encoder.encode_image(encoder.preprocess(images)).float().numpy()
     docs = [
         CorpusDoc(id=f"d{i}", domain="radiology", split="train", source="test", text=f"report {i}",
-                  image_bytes=png(im), image_available=True)
+                  image_bytes=png_bytes(im), image_available=True)
         for i, im in enumerate(images)
     ]
     ids = [d.id for d in docs]

@@ -16,7 +16,6 @@ check that this reader agrees with that writer.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import shutil
@@ -31,6 +30,7 @@ from PIL import Image
 
 from medrag_ray.config import ConfigError, load_config
 from medrag_ray.data.schema import CORPUS_SCHEMA, CorpusDoc, to_table
+from medrag_ray.mining.miner import png_bytes
 from medrag_ray.models.common import ModelLoadError, read_card
 from medrag_ray.models.dual_encoder import DualEncoder, DualEncoderConfig, build_dual_encoder, save_dual_encoder
 from medrag_ray.models.router import build_router, save_router
@@ -74,12 +74,6 @@ def pattern_images(n: int, seed: int = 0) -> list[Image.Image]:
         Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)).resize((64, 64), Image.NEAREST)
         for _ in range(n)
     ]
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @torch.no_grad()
