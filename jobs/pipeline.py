@@ -6,7 +6,9 @@
 
 Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models`` ->
 ``train_router`` -> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data) ->
-``train_reader`` (RAG-SFT with LoRA, Ray Train) -> ``mine_prefs`` (preference pairs, Ray Data).
+``pretrain_reader`` (the tiny reader's full fine-tune on a separate synthetic set, no retrieval: the stand-in for
+a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with LoRA, Ray Train) -> ``mine_prefs`` (preference
+pairs, Ray Data).
 Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
@@ -29,6 +31,7 @@ from medrag_ray.config import (
     MinePrefsConfig,
     PipelineConfig,
     PrepareModelsConfig,
+    RayTrainConfig,
     ReaderContextConfig,
     TrainReaderConfig,
     TrainRetrieverConfig,
@@ -56,6 +59,7 @@ def steps(cfg: PipelineConfig) -> list[Step]:
     data_dir, models_dir = root / "data" / "synthetic", root / "models" / "init"
     router_dir, retriever_dir, index_dir = root / "models" / "router", root / "models" / "retriever", root / "index"
     reader_dir, prefs_dir = root / "models" / "reader", root / "prefs"
+    base_reader_dir, pretrain_data_dir = root / "models" / "reader_base", root / "data" / "reader_pretrain"
     context = ReaderContextConfig(router_dir=str(router_dir), index_dir=str(index_dir))
     storage = cfg.ray_train.storage_path
     if "://" not in storage and not Path(storage).is_absolute():
@@ -109,11 +113,16 @@ def steps(cfg: PipelineConfig) -> list[Step]:
             ),
         ),
         Step(
+            "pretrain_reader",
+            base_reader_dir / "metrics.json",
+            lambda: pretrain_reader(cfg, pretrain_data_dir, models_dir / "reader", base_reader_dir, ray_train),
+        ),
+        Step(
             "train_reader",
             reader_dir / "metrics.json",
             lambda: train_reader.main(
                 TrainReaderConfig(
-                    dataset_dir=str(data_dir), reader_dir=str(models_dir / "reader"), out_dir=str(reader_dir),
+                    dataset_dir=str(data_dir), reader_dir=str(base_reader_dir), out_dir=str(reader_dir),
                     data_dir=str(root / "data" / "reader_sft"), context=context, overwrite=cfg.rebuild,
                     train=cfg.reader_train, ray_train=ray_train, ray=cfg.ray,
                 )
@@ -131,6 +140,22 @@ def steps(cfg: PipelineConfig) -> list[Step]:
         ),
     ]
     return [s for s in all_steps if s.name in cfg.steps]
+
+
+def pretrain_reader(
+    cfg: PipelineConfig, data_dir: Path, init_reader_dir: Path, out_dir: Path, ray_train: RayTrainConfig
+) -> Path:
+    """Generate the reader's pretraining set (if missing), then ``jobs/configs/train_reader_pretrain.yaml``'s job."""
+    if cfg.rebuild or not (data_dir / "manifest.json").is_file():
+        make_data.main(MakeDataConfig(out_dir=str(data_dir), overwrite=True, data=cfg.reader_pretrain_data))
+    base = train_reader.parse_args(["--config", str(train_reader.PRETRAIN_CONFIG)])
+    return train_reader.main(
+        dataclasses.replace(
+            base, dataset_dir=str(data_dir), reader_dir=str(init_reader_dir), out_dir=str(out_dir),
+            data_dir=str(data_dir.parent / "reader_pretrain_sft"), overwrite=cfg.rebuild, train=cfg.reader_pretrain,
+            ray_train=ray_train, ray=cfg.ray,
+        )
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> PipelineConfig:

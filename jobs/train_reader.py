@@ -2,13 +2,16 @@
 
     python jobs/train_reader.py [--config jobs/configs/train_reader.yaml] [train.epochs=4] [lora.r=16] \
         [context.style=jomed] [tasks=[closed,report]] [overwrite=true]
+    python jobs/train_reader.py --config jobs/configs/train_reader_pretrain.yaml   # the tiny reader's pretraining
     ray job submit --working-dir . -- python jobs/train_reader.py ray_train.storage_path=/shared/ray_train
 
 The driver routes and retrieves once for every train/val sample (router -> domain index -> adaptive-k; a
 sample's own case report is excluded) and writes the examples to ``data_dir``. The Ray Train run
 ``<run_name>`` then fine-tunes LoRA adapters with :mod:`medrag_ray.train.loop` (checkpoint every epoch,
 resume on re-run, restart of failed workers) and ``out_dir`` receives the merged reader, ``adapter/`` and
-``metrics.json`` (closed accuracy with and without retrieval on val, per epoch).
+``metrics.json`` (closed accuracy with and without retrieval on val, per epoch). With ``rag_fraction=0``
+nothing is retrieved (the pretraining variant, ``finetune=full``, which trains every parameter of the tiny
+reader and writes no adapter).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from jobs.runtime import init_ray
 from jobs.train_common import export_result, fit
 from medrag_ray.config import TrainReaderConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import Sample, read_parquet
-from medrag_ray.reader.context import retrieve_contexts, sample_image
+from medrag_ray.reader.context import SampleContext, retrieve_contexts, sample_image
 from medrag_ray.reader.sft import build_sft_examples, make_reader_sft_task, write_sft_examples
 from medrag_ray.retrieval.retriever import MultimodalRetriever
 from medrag_ray.train.tasks import dataset_file
@@ -33,30 +36,51 @@ from medrag_ray.utils import atomic_output_dir, check_writable, setup_logging
 logger = logging.getLogger("jobs.train_reader")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "train_reader.yaml"
+PRETRAIN_CONFIG = DEFAULT_CONFIG.with_name("train_reader_pretrain.yaml")
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainReaderConfig:
     return parse_job_args(TrainReaderConfig, argv, DEFAULT_CONFIG)
 
 
+def selected(samples: Sequence[Sample], cfg: TrainReaderConfig) -> list[Sample]:
+    """The samples of ``cfg.tasks`` whose meta matches ``cfg.meta_filter``."""
+    out = []
+    for s in samples:
+        meta = json.loads(s.meta) if cfg.meta_filter else {}
+        if s.answer_type in cfg.tasks and all(meta.get(k) == v for k, v in cfg.meta_filter.items()):
+            out.append(s)
+    return out
+
+
 def write_examples(cfg: TrainReaderConfig) -> Path:
     """Retrieve context for the train and val samples of ``cfg.tasks``; write them to ``cfg.data_dir``."""
-    retriever = MultimodalRetriever.from_artifacts(
-        cfg.context.router_dir, cfg.context.index_dir, with_images=cfg.context.style == "jomed"
-    )
+    retriever = None
+    if cfg.rag_fraction > 0:
+        retriever = MultimodalRetriever.from_artifacts(
+            cfg.context.router_dir, cfg.context.index_dir, with_images=cfg.context.style == "jomed"
+        )
     out = Path(cfg.data_dir)
     for split in ("train", "val"):
         path = dataset_file(cfg.dataset_dir, f"samples_{split}.parquet")
-        samples = [s for s in read_parquet(path, Sample) if s.answer_type in cfg.tasks]
-        if split == "val":
-            samples = samples[: cfg.max_val]
-        contexts = retrieve_contexts(
-            retriever,
-            samples,
-            [sample_image(s) for s in samples],
-            cfg.context.retrieval,
-            with_images=cfg.context.style == "jomed",
-        )
+        samples = selected(read_parquet(path, Sample), cfg)
+        if not samples:
+            raise ValueError(
+                f"no {split} sample of {path} has answer_type in tasks={list(cfg.tasks)} and meta matching "
+                f"meta_filter={cfg.meta_filter}; fix tasks / meta_filter or dataset_dir"
+            )
+        if split == "val" and len(samples) > cfg.max_val:  # evenly spaced: the files are grouped by domain
+            samples = [samples[i * len(samples) // cfg.max_val] for i in range(cfg.max_val)]
+        if retriever is None:
+            contexts = [SampleContext(s.domain, None) for s in samples]
+        else:
+            contexts = retrieve_contexts(
+                retriever,
+                samples,
+                [sample_image(s) for s in samples],
+                cfg.context.retrieval,
+                with_images=cfg.context.style == "jomed",
+            )
         examples = build_sft_examples(samples, contexts, cfg.rag_fraction, cfg.train.seed)
         write_sft_examples(examples, out / f"{split}.parquet")
         kept = [len(c.texts) for c in contexts]
@@ -75,8 +99,8 @@ def main(cfg: TrainReaderConfig) -> Path:
     check_writable(cfg.out_dir, cfg.overwrite)
     if not Path(cfg.reader_dir).is_dir():
         raise FileNotFoundError(
-            f"reader_dir {cfg.reader_dir} does not exist; run `python jobs/prepare_models.py` "
-            "or point it at a reader directory / real local VLM"
+            f"reader_dir {cfg.reader_dir} does not exist; build the tiny default with `python jobs/pipeline.py "
+            "steps=[make_data,prepare_models,pretrain_reader]` or point it at a reader directory / real local VLM"
         )
     data_dir = write_examples(cfg)
     init_ray(cfg.ray)
@@ -88,6 +112,7 @@ def main(cfg: TrainReaderConfig) -> Path:
         cfg.lora,
         cfg.context.style,
         cfg.max_val,
+        cfg.finetune,
     )
     result = fit(cfg.run_name, factory, cfg.train, cfg.ray_train)
     with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:

@@ -768,6 +768,7 @@ def _index_config(value: Any) -> Any:
 
 PROMPT_STYLES: tuple[str, ...] = ("mmed", "jomed")
 READER_TASKS: tuple[str, ...] = ("closed", "report")
+READER_FINETUNES: tuple[str, ...] = ("lora", "full")
 DEFAULT_READER_RETRIEVAL = RetrievalConfig(k=5, k_max=3, adaptive="gap", gamma=0.1)
 """Top-5 from the domain index, at most 3 kept by the paper's gap rule (the tiny reader's context is 512 tokens)."""
 
@@ -815,12 +816,14 @@ class ReaderContextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainReaderConfig:
-    """``jobs/train_reader.py``: retrieval-augmented SFT of the reader with LoRA (JOMED stage 1)."""
+    """``jobs/train_reader.py``: retrieval-augmented SFT of the reader with LoRA (JOMED stage 1), or the full
+    pretraining of the tiny default reader (``finetune=full``, ``rag_fraction=0``: train_reader_pretrain.yaml)."""
 
     dataset_dir: str = "artifacts/data/synthetic"
     """Needs ``samples_train.parquet`` and ``samples_val.parquet`` (Sample rows with inline images)."""
-    reader_dir: str = "artifacts/models/init/reader"
-    """The reader to fine-tune: the tiny init reader or a real local VLM directory (Hugging Face format)."""
+    reader_dir: str = "artifacts/models/reader_base"
+    """The reader to fine-tune: the pretrained tiny reader (``pipeline.py steps=[..., pretrain_reader]``), the
+    random init reader (to pretrain it), or a real local VLM directory (Hugging Face format)."""
     out_dir: str = "artifacts/models/reader"
     """Receives the merged reader (``load_reader`` loads it), ``adapter/`` (the LoRA weights) and ``metrics.json``."""
     data_dir: str = "artifacts/data/reader_sft"
@@ -829,6 +832,11 @@ class TrainReaderConfig:
     context: ReaderContextConfig = ReaderContextConfig()
     tasks: tuple[str, ...] = ("closed",)
     """Sample kinds to train on: ``closed`` (yes/no questions) and/or ``report`` (report generation)."""
+    meta_filter: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Keep only samples whose ``meta`` JSON has these values, e.g. ``{finding_kind: visible}`` (empty = all)."""
+    finetune: str = "lora"
+    """``lora``: peft adapters (``lora``) on a pretrained VLM, as JOMED / MMed-RAG. ``full``: every parameter
+    trains -- for the tiny default reader, which starts random and has no pretrained VLM to adapt."""
     rag_fraction: float = 0.5
     """Share of training examples that get the retrieved context in the prompt; the rest are asked without,
     so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares)."""
@@ -837,7 +845,7 @@ class TrainReaderConfig:
     run_name: str = "reader-sft"
     overwrite: bool = False
     lora: LoraSettings = LoraSettings()
-    train: TrainLoopConfig = TrainLoopConfig(epochs=4, batch_size=8, lr=2e-3, warmup_fraction=0.05)
+    train: TrainLoopConfig = TrainLoopConfig(epochs=4, batch_size=8, lr=2e-3, weight_decay=0.0, warmup_fraction=0.05)
     ray_train: RayTrainConfig = RayTrainConfig()
     ray: RayConfig = RayConfig(num_cpus=4)
 
@@ -852,6 +860,49 @@ class TrainReaderConfig:
             raise ConfigError(f"rag_fraction must be in [0, 1], got {self.rag_fraction!r}")
         if self.max_val < 0:
             raise ConfigError(f"max_val must be >= 0, got {self.max_val!r}")
+        if self.finetune not in READER_FINETUNES:
+            raise ConfigError(f"finetune must be one of {list(READER_FINETUNES)}, got {self.finetune!r}")
+        bad_filter = {k: v for k, v in self.meta_filter.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad_filter:
+            raise ConfigError(f"meta_filter must map meta keys to string values, got {bad_filter}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReaderConfig:
+    """``jobs/eval_reader.py``: closed-question (yes/no) accuracy of a reader with and without retrieval."""
+
+    samples_path: str = "artifacts/data/synthetic/samples_test.parquet"
+    """Sample Parquet (file or directory); only closed yes/no questions are scored, the others are counted."""
+    reader_dir: str = "artifacts/models/reader"
+    """The reader (``jobs/train_reader.py`` output, ``artifacts/models/init/reader``, or a real local VLM)."""
+    context: ReaderContextConfig = ReaderContextConfig()
+    route: bool = True
+    """Pick the domain with the router F(x_v) (the paper); false uses each sample's labelled domain."""
+    limit: int = 0
+    """Evaluate only the first ``limit`` rows of ``samples_path`` (0 = all); rows are in file order (the
+    synthetic sets are grouped by domain, so a small limit covers the first domain(s) only)."""
+    batch_size: int = 32
+    """Samples decoded, retrieved for and scored per step (also the reader's forward-pass batch)."""
+    device: str = "auto"
+    """Reader and retriever device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    out_dir: str = "artifacts/eval"
+    """Writes ``reader.json`` and ``reader.md`` here."""
+    name: str = ""
+    """Optional tag written in the report (e.g. ``synthetic-test``, ``vqa_rad-test``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples_path", "reader_dir", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a path, got an empty string")
+        for name in ("router_dir", "index_dir"):
+            if not getattr(self.context, name).strip():
+                raise ConfigError(f"context.{name} must be a directory path, got an empty string")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.device not in EMBED_DEVICES:
+            raise ConfigError(f"device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
 
 
 DCM_RULE_CHOICES: tuple[str, ...] = ("algorithm", "text")
@@ -917,7 +968,8 @@ class MinePrefsConfig:
 # ------------------------------------------------------------------------------------- the pipeline
 
 PIPELINE_STEPS: tuple[str, ...] = (
-    "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "train_reader", "mine_prefs",
+    "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_reader",
+    "train_reader", "mine_prefs",
 )
 """The pipeline's steps in order; later issues append mining, alignment and serving."""
 
@@ -938,8 +990,16 @@ class PipelineConfig:
     """``train`` of ``jobs/train_router.py``."""
     retriever_train: TrainLoopConfig = TrainLoopConfig(epochs=20)
     """``train`` of ``jobs/train_retriever.py`` (one run per domain)."""
+    reader_pretrain_cases: int = 800
+    """Cases per domain of the reader's separate pretraining set (``data`` with ``seed + 1``: other phenotypes,
+    so the base reader learns to see the visible findings but cannot learn the retrieval corpus's phenotypes)."""
+    reader_pretrain: TrainLoopConfig = TrainLoopConfig(
+        epochs=12, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+    )
+    """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
+    tiny reader on the pretraining set's visible-finding questions, no retrieval) -- the stand-in for LLaVA-Med."""
     reader_train: TrainLoopConfig = dataclasses.replace(TrainReaderConfig().train, epochs=2)
-    """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT)."""
+    """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT with LoRA, on the pretrained base reader)."""
     mining_limit: int = 320
     """``limit`` of ``jobs/mine_prefs.py`` (0 = mine every train sample; about 30 min on 2 cores)."""
     ray_train: RayTrainConfig = RayTrainConfig(storage_path="ray_train")
@@ -958,3 +1018,12 @@ class PipelineConfig:
             raise ConfigError(
                 f"steps must be distinct and in pipeline order {list(PIPELINE_STEPS)}, got {list(self.steps)}"
             )
+        try:
+            self.reader_pretrain_data  # noqa: B018 - validates reader_pretrain_cases against data
+        except ConfigError as exc:
+            raise ConfigError(f"reader_pretrain_cases={self.reader_pretrain_cases} is invalid: {exc}") from exc
+
+    @property
+    def reader_pretrain_data(self) -> SyntheticDataConfig:
+        """The reader's pretraining set: ``data`` with another seed (other phenotypes) and more cases."""
+        return dataclasses.replace(self.data, seed=self.data.seed + 1, n_per_domain=self.reader_pretrain_cases)

@@ -7,8 +7,10 @@ both M(x_v, x_t + x_r) and M(x_v, x_t). The loss is the next-token cross-entropy
 
 Model: the reader (tiny or a real local VLM) with peft LoRA on every linear layer of the language model --
 not the vision tower, the projector or ``lm_head``, as MMed-RAG's reference code -- and optionally the
-projector trained in full. Validation: closed-question accuracy with and without retrieval (logit scoring).
-Export: the merged reader (``load_reader`` loads it like any other) and ``adapter/`` (the LoRA weights).
+projector trained in full; or (``finetune="full"``) every parameter, to pretrain the random tiny reader.
+Validation: closed-question accuracy with and without retrieval (logit scoring).
+Export: the merged reader (``load_reader`` loads it like any other) and ``adapter/`` (the LoRA weights; none
+after a full fine-tune).
 """
 
 from __future__ import annotations
@@ -247,7 +249,10 @@ class ReaderSFTTask:
         val_examples: Sequence[SFTExample],
         lora: LoraSettings,
         style: str = "mmed",
+        finetune: str = "lora",
     ) -> None:
+        if finetune not in ("lora", "full"):
+            raise ValueError(f"{name}: finetune must be 'lora' or 'full', got {finetune!r}")
         if not train_examples:
             raise ValueError(f"{name}: no training examples; check the dataset and tasks=[...]")
         self.name = name
@@ -256,12 +261,16 @@ class ReaderSFTTask:
         self.val_examples = list(val_examples)
         self.lora = lora
         self.style = style
+        self.finetune = finetune
         self.processor: Any = None
         self.collate = None
 
     def build_model(self) -> nn.Module:
         model, self.processor = load_reader(self.reader_dir, device="cpu", dtype="float32")
         self.collate = functools.partial(collate, pad=pad_id(self.processor))
+        if self.finetune == "full":
+            logger.info("full fine-tune: all %d parameters train", sum(p.numel() for p in model.parameters()))
+            return model.train()
         return add_lora(model, self.lora).train()
 
     def train_dataset(self) -> SFTDataset:
@@ -288,6 +297,9 @@ class ReaderSFTTask:
         return metrics
 
     def export(self, model: nn.Module, directory: Path) -> None:
+        if self.finetune == "full":
+            save_reader(model, self.processor, directory)
+            return
         assert isinstance(model, PeftModel)
         model.save_pretrained(str(directory / ADAPTER_DIR))
         merged = copy.deepcopy(model).merge_and_unload()
@@ -300,10 +312,10 @@ class ReaderSFTTask:
 
 
 def make_reader_sft_task(
-    name: str, reader_dir: str, data_dir: str, lora: LoraSettings, style: str, max_val: int
+    name: str, reader_dir: str, data_dir: str, lora: LoraSettings, style: str, max_val: int, finetune: str = "lora"
 ) -> ReaderSFTTask:
     """Read ``train.parquet`` / ``val.parquet`` written by :func:`write_sft_examples` in ``data_dir``."""
     root = Path(data_dir)
     val_path = root / "val.parquet"
     val = read_sft_examples(val_path)[:max_val] if val_path.is_file() and max_val else []
-    return ReaderSFTTask(name, reader_dir, read_sft_examples(root / "train.parquet"), val, lora, style)
+    return ReaderSFTTask(name, reader_dir, read_sft_examples(root / "train.parquet"), val, lora, style, finetune)

@@ -1,6 +1,7 @@
 """The README's main job end to end on a tiny default: data -> models -> Ray Train router and retrievers ->
-Ray Data index -> reader RAG-SFT -> preference mining, then the retrieval API over what the pipeline wrote,
-and the mining job's exactly-once guarantees (a killed actor, a resumed run) on the same artifacts."""
+Ray Data index -> reader pretraining -> reader RAG-SFT -> preference mining, then the retrieval API over what
+the pipeline wrote, the mining job's exactly-once guarantees (a killed actor, a resumed run) on the same
+artifacts, and the mining job submitted to a `ray start --head` cluster with `ray job submit`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from medrag_ray.retrieval.retrieval_config import RetrievalConfig
 from medrag_ray.retrieval.retriever import MultimodalRetriever
 from medrag_ray.train.data import domain_examples
 from medrag_ray.train.tasks import predict_domains
+from tests.conftest import REPO_ROOT
+from tests.integration.conftest import HeadNode, submit_job
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +40,8 @@ TINY = [
     "data.domains=[radiology,pathology]", "data.n_per_domain=18", "data.n_phenotypes=3", "data.image_size=32",
     "models.tokenizer_vocab_size=400",
     "models.encoder.image_size=32", "models.reader.image_size=32", "router_train.epochs=3", "router_train.batch_size=4",
-    "retriever_train.epochs=1", "retriever_train.batch_size=4", "reader_train.epochs=1", "reader_train.batch_size=4",
+    "retriever_train.epochs=1", "retriever_train.batch_size=4", "reader_pretrain_cases=12", "reader_pretrain.epochs=1",
+    "reader_pretrain.batch_size=4", "reader_train.epochs=1", "reader_train.batch_size=4",
     f"mining_limit={MINING_LIMIT}",
 ]
 
@@ -88,8 +92,14 @@ def test_pipeline_trains_indexes_and_retrieves(built: tuple[Path, dict[str, Path
         assert 1 <= result.k_kept <= 5
         assert all(ids[h.doc_id].domain == doc.domain and h.text == ids[h.doc_id].text for h in result.hits)
 
+    base_metrics = json.loads(outputs["pretrain_reader"].read_text())
+    assert base_metrics["config"]["finetune"] == "full" and base_metrics["config"]["rag_fraction"] == 0.0
+    pretrain_manifest = json.loads((tmp_path / "data" / "reader_pretrain" / "manifest.json").read_text())
+    assert pretrain_manifest["config"]["seed"] == 1 and pretrain_manifest["config"]["n_per_domain"] == 12
+    assert not (tmp_path / "models" / "reader_base" / "adapter").exists()
     reader_metrics = json.loads(outputs["train_reader"].read_text())
     assert [h["epoch"] for h in reader_metrics["history"]] == [1]
+    assert reader_metrics["config"]["reader_dir"] == str(tmp_path / "models" / "reader_base")
     assert (tmp_path / "models" / "reader" / "adapter").is_dir()
     summary = json.loads(outputs["mine_prefs"].read_text())
     samples = read_parquet(tmp_path / "data" / "synthetic" / "samples_train.parquet", Sample)[:MINING_LIMIT]
@@ -127,13 +137,17 @@ class KillOnceStore(MiningStore):
         super()._write_done(key, rows)
 
 
-def mine_cfg(root: Path, out_dir: Path, **kw) -> MinePrefsConfig:  # noqa: ANN003
-    return mine_prefs.parse_args([
+def mine_args(root: Path, out_dir: Path, **kw) -> list[str]:  # noqa: ANN003
+    return [
         f"samples_path={root / 'data' / 'synthetic' / 'samples_train.parquet'}",
         f"reader_dir={root / 'models' / 'reader'}", f"context.router_dir={root / 'models' / 'router'}",
         f"context.index_dir={root / 'index'}", f"out_dir={out_dir}", f"limit={MINING_LIMIT}", "batch_size=8",
         "build_missing=false", *[f"{k}={v}" for k, v in kw.items()],
-    ])
+    ]
+
+
+def mine_cfg(root: Path, out_dir: Path, **kw) -> MinePrefsConfig:  # noqa: ANN003
+    return mine_prefs.parse_args(mine_args(root, out_dir, **kw))
 
 
 def test_mining_survives_a_killed_actor_and_resumes_exactly_once(built, tmp_path) -> None:  # noqa: ANN001
@@ -163,3 +177,20 @@ def test_mining_survives_a_killed_actor_and_resumes_exactly_once(built, tmp_path
         assert summary["this_run"]["samples"] == 0 and summary["pairs"] == len(reference)
     finally:
         shutdown_ray()
+
+
+def test_mine_prefs_through_ray_job_submit(built, ray_head: HeadNode, tmp_path: Path) -> None:  # noqa: ANN001
+    """`ray job submit --working-dir . -- python jobs/mine_prefs.py ...` against a `ray start --head` cluster
+    mines the same pairs as the pipeline's in-process run, and a second submission resumes with nothing to do."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    root, _ = built
+    out_dir = tmp_path / "submitted"
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    for run in (1, 2):
+        submission_id, res = submit_job(ray_head, REPO_ROOT, "jobs/mine_prefs.py", mine_args(root, out_dir), tmp_path)
+        log = f"stdout:\n{res.stdout[-6000:]}\nstderr:\n{res.stderr[-3000:]}"
+        assert res.returncode == 0 and client.get_job_status(submission_id) == JobStatus.SUCCEEDED, log
+        summary = json.loads((out_dir / "summary.json").read_text())
+        assert summary["this_run"]["samples"] == (MINING_LIMIT if run == 1 else 0), summary["this_run"]
+    assert mined_pairs(out_dir) == mined_pairs(root / "prefs")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from PIL import Image
 from torch import nn
 
@@ -320,3 +321,31 @@ def test_task_errors_and_factory(tmp_path: Path, reader_dir: Path) -> None:
     made = make_reader_sft_task("m", str(reader_dir), str(tmp_path), LORA, "jomed", max_val=2)
     assert made.train_examples == examples and made.val_examples == examples[:2] and made.style == "jomed"
     assert make_reader_sft_task("m", str(reader_dir), str(tmp_path), LORA, "mmed", max_val=0).val_examples == []
+
+
+def test_full_finetune_trains_every_parameter_and_exports_without_adapter(reader_dir: Path, tmp_path: Path) -> None:
+    samples = closed_samples(8)
+    examples = build_sft_examples(samples, [SampleContext("radiology", None)] * 8, 0.0, 0)
+    task = ReaderSFTTask("pre", reader_dir, examples, [], LORA, finetune="full")
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert not isinstance(model, PeftModel)
+    assert all(p.requires_grad for p in model.parameters())
+    dataset = task.train_dataset()
+    batch = task.collate([dataset[i] for i in range(len(dataset))])
+    vision = next(p for n, p in model.named_parameters() if "vision_tower" in n)
+    start = vision.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task.loss(model, batch).backward()
+    opt.step()
+    assert not torch.equal(vision.detach(), start)  # the vision tower trains too (LoRA freezes it)
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    task.export(model, tmp_path / "export")
+    assert not (tmp_path / "export" / ADAPTER_DIR).exists()
+    loaded, _ = load_reader(tmp_path / "export", dtype="float32")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, reference, atol=1e-5)
+    with pytest.raises(ValueError, match="finetune must be 'lora' or 'full'"):
+        ReaderSFTTask("pre", reader_dir, examples, [], LORA, finetune="qlora")
