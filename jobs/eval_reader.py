@@ -22,6 +22,7 @@ from medrag_ray.config import EvalReaderConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import Sample, read_parquet
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.eval.reader_eval import evaluate_reader, reader_markdown
+from medrag_ray.reader.context import missing_reader_inputs
 from medrag_ray.utils import setup_logging
 
 logger = logging.getLogger("jobs.eval_reader")
@@ -36,13 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> EvalReaderConfig:
 
 def check_inputs(cfg: EvalReaderConfig) -> None:
     """FileNotFoundError naming every missing input's config field and how to build the defaults."""
-    paths = {
-        "samples_path": cfg.samples_path,
-        "reader_dir": cfg.reader_dir,
-        "context.router_dir": cfg.context.router_dir,
-        "context.index_dir": cfg.context.index_dir,
-    }
-    missing = [f"{name}={path}" for name, path in paths.items() if not Path(path).exists()]
+    missing = missing_reader_inputs(cfg)
     if missing:
         raise FileNotFoundError(
             f"missing inputs {missing}; build the default artifacts with `python jobs/pipeline.py` "

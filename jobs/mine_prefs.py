@@ -34,6 +34,7 @@ from medrag_ray.config import MinePrefsConfig, PipelineConfig, parse_job_args, t
 from medrag_ray.data.schema import RecordError, Sample
 from medrag_ray.mining.miner import BatchResult, MiningSettings, PreferenceMiner, Reject
 from medrag_ray.mining.store import MiningStore
+from medrag_ray.reader.context import missing_reader_inputs
 from medrag_ray.utils import setup_logging
 
 logger = logging.getLogger("jobs.mine_prefs")
@@ -96,19 +97,9 @@ class MinerActor:
         return {"batch_samples": np.array([len(ids)]), "batch_pairs": np.array([len(result.pairs)])}
 
 
-def missing_prerequisites(cfg: MinePrefsConfig) -> list[str]:
-    paths = {
-        "samples_path": cfg.samples_path,
-        "context.router_dir": cfg.context.router_dir,
-        "context.index_dir": cfg.context.index_dir,
-        "reader_dir": cfg.reader_dir,
-    }
-    return [f"{name}={path}" for name, path in paths.items() if not Path(path).exists()]
-
-
 def build_prerequisites(cfg: MinePrefsConfig) -> None:
     """Run the pipeline up to ``train_reader`` when an input is missing (or explain how to get it)."""
-    missing = missing_prerequisites(cfg)
+    missing = missing_reader_inputs(cfg)
     if not missing:
         return
     if not cfg.build_missing:
@@ -124,7 +115,7 @@ def build_prerequisites(cfg: MinePrefsConfig) -> None:
     )
     logger.info("missing %s: building the prerequisites with the pipeline under %s first", missing, cfg.artifacts_dir)
     pipeline.main(pipe)
-    still = missing_prerequisites(cfg)
+    still = missing_reader_inputs(cfg)
     if still:
         raise FileNotFoundError(
             f"after building the default prerequisites under {cfg.artifacts_dir}, {still} still "

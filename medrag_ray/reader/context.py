@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -51,6 +53,18 @@ class SampleContext:
             "retrieved_ids": list(self.doc_ids),
             "retrieved_scores": [round(s, 6) for s in self.scores],
         }
+
+
+def missing_reader_inputs(cfg: Any) -> list[str]:
+    """``field=path`` for each input of a reader job (``samples_path``, ``reader_dir``, ``context.router_dir``,
+    ``context.index_dir`` of ``cfg``) that does not exist; empty when all do."""
+    paths = {
+        "samples_path": cfg.samples_path,
+        "reader_dir": cfg.reader_dir,
+        "context.router_dir": cfg.context.router_dir,
+        "context.index_dir": cfg.context.index_dir,
+    }
+    return [f"{name}={path}" for name, path in paths.items() if not Path(path).exists()]
 
 
 def self_doc_ids(sample: Sample) -> set[str]:

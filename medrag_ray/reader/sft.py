@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from medrag_ray.config import LoraSettings
+from medrag_ray.config import READER_FINETUNES, LoraSettings
 from medrag_ray.data.readers.common import load_image
 from medrag_ray.data.schema import Sample
 from medrag_ray.mining.noise import sample_seed
@@ -251,7 +251,7 @@ class ReaderSFTTask:
         style: str = "mmed",
         finetune: str = "lora",
     ) -> None:
-        if finetune not in ("lora", "full"):
+        if finetune not in READER_FINETUNES:
             raise ValueError(f"{name}: finetune must be 'lora' or 'full', got {finetune!r}")
         if not train_examples:
             raise ValueError(f"{name}: no training examples; check the dataset and tasks=[...]")

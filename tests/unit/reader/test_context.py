@@ -237,3 +237,24 @@ def test_least_similar_docs_matches_numpy(corpus) -> None:
         assert doc.id != f"d{i}"
     with pytest.raises(ValueError, match="one per image"):
         mr.least_similar_docs(images[:2], ["radiology"])
+
+
+def test_missing_reader_inputs_names_each_absent_field(tmp_path) -> None:  # noqa: ANN001
+    from types import SimpleNamespace
+
+    from medrag_ray.reader.context import missing_reader_inputs
+
+    (tmp_path / "reader").mkdir()
+    (tmp_path / "samples.parquet").write_bytes(b"")
+    cfg = SimpleNamespace(
+        samples_path=str(tmp_path / "samples.parquet"),
+        reader_dir=str(tmp_path / "reader"),
+        context=SimpleNamespace(router_dir=str(tmp_path / "router"), index_dir=str(tmp_path / "index")),
+    )
+    assert missing_reader_inputs(cfg) == [
+        f"context.router_dir={tmp_path / 'router'}",
+        f"context.index_dir={tmp_path / 'index'}",
+    ]
+    (tmp_path / "router").mkdir()
+    (tmp_path / "index").mkdir()
+    assert missing_reader_inputs(cfg) == []
