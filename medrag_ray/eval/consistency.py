@@ -43,7 +43,7 @@ class SubsetScores:
         return {
             "n": self.n,
             "oracle_accuracy": round(self.oracle_accuracy, 6),
-            **{
+            "methods": {
                 name: {"accuracy": round(r.accuracy, 6), "macro_f1": round(r.macro_f1, 6)}
                 for name, r in self.methods.items()
             },

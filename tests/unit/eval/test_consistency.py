@@ -37,7 +37,7 @@ def test_consistency_analysis_by_hand() -> None:
     # Consistent subset for jomed: truth (yes, no, yes), predicted (yes, no, no): F1(yes) = 2/3, F1(no) = 2/3.
     assert a.consistent.methods["jomed"].macro_f1 == pytest.approx(2 / 3)
     d = a.to_dict()
-    assert d["inconsistent"]["jomed"] == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert d["inconsistent"]["methods"]["jomed"] == {"accuracy": 1.0, "macro_f1": 1.0}
     assert d["consistent"]["n"] == 3
 
 
