@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "DPOOutput", "dpo_loss", "sequence_logps"]
+from medrag_ray.reader.engine import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-"""Label value of tokens that are not part of the response (prompt, image tokens, padding)."""
+__all__ = ["IGNORE_INDEX", "DPOOutput", "dpo_loss", "sequence_logps"]
 
 
 @dataclass(frozen=True)
