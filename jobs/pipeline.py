@@ -6,9 +6,11 @@
 
 Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models`` ->
 ``train_router`` -> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data) ->
-``pretrain_reader`` (the tiny reader's full fine-tune on a separate synthetic set, no retrieval: the stand-in for
-a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with LoRA, Ray Train) -> ``mine_prefs`` (preference
-pairs, Ray Data).
+``pretrain_vision`` (the tiny reader's vision tower learns the visible findings of a separate synthetic set: the
+stand-in for a pretrained CLIP tower) -> ``pretrain_reader`` (the tiny reader, vision tower frozen, learns that
+set's questions without retrieval: the stand-in for a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with
+LoRA, Ray Train) -> ``mine_prefs`` (preference pairs, Ray Data) -> ``train_dpo`` (RAG-PT: DPO on D_cm, then
+D_oa, Ray Train).
 Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
@@ -24,15 +26,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import build_index, make_data, mine_prefs, prepare_models, train_reader, train_retriever, train_router
+from jobs import (
+    build_index,
+    make_data,
+    mine_prefs,
+    prepare_models,
+    pretrain_vision,
+    train_dpo,
+    train_reader,
+    train_retriever,
+    train_router,
+)
 from medrag_ray.config import (
     BuildIndexConfig,
     MakeDataConfig,
     MinePrefsConfig,
     PipelineConfig,
     PrepareModelsConfig,
+    PretrainVisionConfig,
     RayTrainConfig,
     ReaderContextConfig,
+    TrainDPOConfig,
     TrainReaderConfig,
     TrainRetrieverConfig,
     TrainRouterConfig,
@@ -60,6 +74,7 @@ def steps(cfg: PipelineConfig) -> list[Step]:
     router_dir, retriever_dir, index_dir = root / "models" / "router", root / "models" / "retriever", root / "index"
     reader_dir, prefs_dir = root / "models" / "reader", root / "prefs"
     base_reader_dir, pretrain_data_dir = root / "models" / "reader_base", root / "data" / "reader_pretrain"
+    vision_reader_dir, dpo_reader_dir = root / "models" / "reader_vision", root / "models" / "reader_dpo"
     context = ReaderContextConfig(router_dir=str(router_dir), index_dir=str(index_dir))
     storage = cfg.ray_train.storage_path
     if "://" not in storage and not Path(storage).is_absolute():
@@ -113,9 +128,20 @@ def steps(cfg: PipelineConfig) -> list[Step]:
             ),
         ),
         Step(
+            "pretrain_vision",
+            vision_reader_dir / "metrics.json",
+            lambda: pretrain_vision.main(
+                PretrainVisionConfig(
+                    dataset_dir=str(reader_pretrain_data(cfg, pretrain_data_dir)),
+                    reader_dir=str(models_dir / "reader"), out_dir=str(vision_reader_dir), overwrite=cfg.rebuild,
+                    train=cfg.reader_vision, ray_train=ray_train, ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
             "pretrain_reader",
             base_reader_dir / "metrics.json",
-            lambda: pretrain_reader(cfg, pretrain_data_dir, models_dir / "reader", base_reader_dir, ray_train),
+            lambda: pretrain_reader(cfg, pretrain_data_dir, vision_reader_dir, base_reader_dir, ray_train),
         ),
         Step(
             "train_reader",
@@ -138,20 +164,40 @@ def steps(cfg: PipelineConfig) -> list[Step]:
                 )
             ),
         ),
+        Step(
+            "train_dpo",
+            dpo_reader_dir / "metrics.json",
+            lambda: train_dpo.main(
+                TrainDPOConfig(
+                    pairs_path=str(prefs_dir / "pairs"), reader_dir=str(reader_dir), out_dir=str(dpo_reader_dir),
+                    work_dir=str(root / "data" / "dpo"), overwrite=cfg.rebuild, train=cfg.dpo_train,
+                    ray_train=ray_train, ray=cfg.ray,
+                )
+            ),
+        ),
     ]
     return [s for s in all_steps if s.name in cfg.steps]
+
+
+def reader_pretrain_data(cfg: PipelineConfig, data_dir: Path) -> Path:
+    """The reader's pretraining set in ``data_dir``, generated first when it is missing or on ``rebuild`` (the
+    vision and the reader pretraining steps share it; the same config gives byte-identical files)."""
+    if cfg.rebuild or not (data_dir / "manifest.json").is_file():
+        logger.info("generating the reader's pretraining set in %s", data_dir)
+        make_data.main(MakeDataConfig(out_dir=str(data_dir), overwrite=True, data=cfg.reader_pretrain_data))
+    return data_dir
 
 
 def pretrain_reader(
     cfg: PipelineConfig, data_dir: Path, init_reader_dir: Path, out_dir: Path, ray_train: RayTrainConfig
 ) -> Path:
-    """Generate the reader's pretraining set (if missing), then ``jobs/configs/train_reader_pretrain.yaml``'s job."""
-    if cfg.rebuild or not (data_dir / "manifest.json").is_file():
-        make_data.main(MakeDataConfig(out_dir=str(data_dir), overwrite=True, data=cfg.reader_pretrain_data))
+    """``jobs/configs/train_reader_pretrain.yaml``'s job on the reader's pretraining set (generated if missing),
+    starting from ``init_reader_dir`` (the reader with the pretrained vision tower)."""
     base = train_reader.parse_args(["--config", str(train_reader.PRETRAIN_CONFIG)])
     return train_reader.main(
         dataclasses.replace(
-            base, dataset_dir=str(data_dir), reader_dir=str(init_reader_dir), out_dir=str(out_dir),
+            base, dataset_dir=str(reader_pretrain_data(cfg, data_dir)), reader_dir=str(init_reader_dir),
+            out_dir=str(out_dir),
             data_dir=str(data_dir.parent / "reader_pretrain_sft"), overwrite=cfg.rebuild, train=cfg.reader_pretrain,
             ray_train=ray_train, ray=cfg.ray,
         )

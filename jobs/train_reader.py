@@ -113,6 +113,7 @@ def main(cfg: TrainReaderConfig) -> Path:
         cfg.context.style,
         cfg.max_val,
         cfg.finetune,
+        cfg.freeze_vision_tower,
     )
     result = fit(cfg.run_name, factory, cfg.train, cfg.ray_train)
     with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:

@@ -837,6 +837,9 @@ class TrainReaderConfig:
     finetune: str = "lora"
     """``lora``: peft adapters (``lora``) on a pretrained VLM, as JOMED / MMed-RAG. ``full``: every parameter
     trains -- for the tiny default reader, which starts random and has no pretrained VLM to adapt."""
+    freeze_vision_tower: bool = False
+    """Keep the vision tower fixed with ``finetune=full`` (LLaVA's recipe: the pretrained image encoder is never
+    trained; ``pretrain_vision`` trains the tiny one first). LoRA never adapts the vision tower anyway."""
     rag_fraction: float = 0.5
     """Share of training examples that get the retrieved context in the prompt; the rest are asked without,
     so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares)."""
@@ -865,6 +868,42 @@ class TrainReaderConfig:
         bad_filter = {k: v for k, v in self.meta_filter.items() if not isinstance(k, str) or not isinstance(v, str)}
         if bad_filter:
             raise ConfigError(f"meta_filter must map meta keys to string values, got {bad_filter}")
+
+
+FINDING_KINDS: tuple[str, ...] = ("visible", "subtle")
+"""Kinds of finding of the synthetic data: drawn clearly in the pixels, or faint (what retrieval carries)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainVisionConfig:
+    """``jobs/pretrain_vision.py``: multi-label pretraining of the tiny reader's vision tower on the findings its
+    images' reports state -- the stand-in for the pretrained CLIP tower a real LLaVA-style reader starts from."""
+
+    dataset_dir: str = "artifacts/data/reader_pretrain"
+    """Needs ``samples_train.parquet`` (and ``samples_val.parquet`` for validation) of the synthetic generator:
+    the findings are read from each image's report with the domain's vocabulary."""
+    reader_dir: str = "artifacts/models/init/reader"
+    """The tiny LLaVA-style reader whose vision tower is trained (``prepare_models``' random reader)."""
+    out_dir: str = "artifacts/models/reader_vision"
+    """Receives the whole reader with the trained vision tower (``load_reader`` loads it) and ``metrics.json``."""
+    finding_kinds: tuple[str, ...] = ("visible",)
+    """Which findings are labels: ``visible`` ones are what an image shows; ``subtle`` ones are what retrieval
+    adds (training on them would teach the tower the pretraining set's phenotypes)."""
+    run_name: str = "reader-vision"
+    overwrite: bool = False
+    train: TrainLoopConfig = TrainLoopConfig(epochs=80, batch_size=16, lr=3e-3, weight_decay=0.0, warmup_fraction=0.05)
+    ray_train: RayTrainConfig = RayTrainConfig()
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_dir", "reader_dir", "out_dir", "run_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        bad = [k for k in self.finding_kinds if k not in FINDING_KINDS]
+        if bad or not self.finding_kinds:
+            raise ConfigError(
+                f"finding_kinds must be a non-empty subset of {list(FINDING_KINDS)}, got {list(self.finding_kinds)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -965,13 +1004,69 @@ class MinePrefsConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
 
+# ---------------------------------------------------------------------------------------- RAG-PT (issue 5)
+
+DPO_PAIR_KINDS: tuple[str, ...] = ("cm", "oa1", "oa2", "oa")
+"""Pair kinds a DPO stage can select: as mined, and ``oa`` for released pairs of unknown type without a noised side."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDPOConfig:
+    """``jobs/train_dpo.py``: RAG-PT (MMed-RAG §2.3) -- DPO of the reader with LoRA, in stages, on mined pairs."""
+
+    pairs_path: str = "artifacts/prefs/pairs"
+    """PreferencePair Parquet (file or directory): ``jobs/mine_prefs.py``'s ``pairs/`` or converted alignment files."""
+    reader_dir: str = "artifacts/models/reader"
+    """The reader stage 1 starts from (the RAG-SFT reader, or a real local VLM directory)."""
+    out_dir: str = "artifacts/models/reader_dpo"
+    """Receives the last stage's reader (merged; ``adapter/`` beside it) and ``metrics.json`` (every stage)."""
+    work_dir: str = "artifacts/data/dpo"
+    """Per stage, the driver writes the train/val pairs here and the stage's reader, which the next stage starts
+    from; on a multi-node cluster put it on shared storage."""
+    stages: tuple[tuple[str, ...], ...] = (("cm",), ("oa1", "oa2", "oa"))
+    """Pair kinds of each stage, in order; each stage starts from the previous stage's weights, which are also
+    its frozen reference. MMed-RAG: stage 1 on D_cm (image side), stage 2 on D_oa (answer side)."""
+    beta: float = 0.1
+    """DPO inverse temperature (MMed-RAG's alpha; 0.1 in the reference code)."""
+    val_fraction: float = 0.1
+    """Share of samples whose pairs are held out for validation (seeded, by sample id)."""
+    noise_kind: str = "diffusion"
+    """For pairs without a stored noisy image: ``diffusion`` (Eq. 2) or ``gaussian`` (the released trainer)."""
+    noise_step: int = 500
+    run_name: str = "reader-dpo"
+    """Ray Train runs are named ``<run_name>-stage<i>``; a re-run resumes each from its last checkpoint."""
+    overwrite: bool = False
+    lora: LoraSettings = LoraSettings()
+    train: TrainLoopConfig = TrainLoopConfig(epochs=3, batch_size=4, lr=5e-4, weight_decay=0.0, warmup_fraction=0.1)
+    ray_train: RayTrainConfig = RayTrainConfig()
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("pairs_path", "reader_dir", "out_dir", "work_dir", "run_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        if not self.stages or any(not stage for stage in self.stages):
+            raise ConfigError(f"stages must be a non-empty list of non-empty pair-kind lists, got {self.stages!r}")
+        bad = sorted({k for stage in self.stages for k in stage} - set(DPO_PAIR_KINDS))
+        if bad:
+            raise ConfigError(f"stages name unknown pair kinds {bad}; choose from {list(DPO_PAIR_KINDS)}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.noise_kind not in NOISE_KIND_CHOICES:
+            raise ConfigError(f"noise_kind must be one of {list(NOISE_KIND_CHOICES)}, got {self.noise_kind!r}")
+        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step <= 999:
+            raise ConfigError(f"noise_step must be an integer in [0, 999], got {self.noise_step!r}")
+
+
 # ------------------------------------------------------------------------------------- the pipeline
 
 PIPELINE_STEPS: tuple[str, ...] = (
-    "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_reader",
-    "train_reader", "mine_prefs",
+    "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_vision",
+    "pretrain_reader", "train_reader", "mine_prefs", "train_dpo",
 )
-"""The pipeline's steps in order; later issues append mining, alignment and serving."""
+"""The pipeline's steps in order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -993,8 +1088,11 @@ class PipelineConfig:
     reader_pretrain_cases: int = 800
     """Cases per domain of the reader's separate pretraining set (``data`` with ``seed + 1``: other phenotypes,
     so the base reader learns to see the visible findings but cannot learn the retrieval corpus's phenotypes)."""
+    reader_vision: TrainLoopConfig = PretrainVisionConfig().train
+    """``train`` of the ``pretrain_vision`` step (``jobs/pretrain_vision.py`` on the pretraining set): the tiny
+    reader's vision tower learns the visible findings -- the stand-in for a pretrained CLIP tower."""
     reader_pretrain: TrainLoopConfig = TrainLoopConfig(
-        epochs=12, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+        epochs=6, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
     )
     """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
     tiny reader on the pretraining set's visible-finding questions, no retrieval) -- the stand-in for LLaVA-Med."""
@@ -1002,6 +1100,8 @@ class PipelineConfig:
     """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT with LoRA, on the pretrained base reader)."""
     mining_limit: int = 320
     """``limit`` of ``jobs/mine_prefs.py`` (0 = mine every train sample; about 30 min on 2 cores)."""
+    dpo_train: TrainLoopConfig = TrainDPOConfig().train
+    """``train`` of ``jobs/train_dpo.py`` (RAG-PT: DPO stage 1 on D_cm, stage 2 on D_oa, on the mined pairs)."""
     ray_train: RayTrainConfig = RayTrainConfig(storage_path="ray_train")
     """Ray Train settings of the training steps (runs are named router / retriever-<domain> / reader-sft); a relative
     ``storage_path`` is taken under ``artifacts_dir``. ``rebuild=true`` also sets ``resume=false``."""

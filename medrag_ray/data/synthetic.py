@@ -72,7 +72,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medrag_ray.config import SyntheticDataConfig, to_dict
+from medrag_ray.config import FINDING_KINDS, SyntheticDataConfig, to_dict
 from medrag_ray.data.schema import DOMAINS, SPLITS, CorpusDoc, Sample, dumps_meta, write_parquet
 from medrag_ray.utils import atomic_output_dir, sha256_file
 
@@ -82,7 +82,6 @@ SOURCE = "synthetic"
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CORPUS_NAME = "corpus.parquet"
-FINDING_KINDS: tuple[str, ...] = ("visible", "subtle")
 NEGATION_CUES: tuple[str, ...] = ("no", "not", "without", "negative for", "absent")
 _NEGATION_RE = re.compile(r"\b(?:" + "|".join(re.escape(c) for c in NEGATION_CUES) + r")\b", re.IGNORECASE)
 _SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")

@@ -4,7 +4,7 @@
 :class:`~medrag_ray.reader.engine.ReaderEngine`. :meth:`PreferenceMiner.mine_batch` does, for every sample:
 
 1. checks it (closed question, parseable answer, readable image) -- a bad sample becomes a reject with the
-   reason, and the batch goes on;
+   reason, and the batch goes on (so does a sample whose least similar index image, step 3, is unreadable);
 2. routes and retrieves x_r (adaptive-k; the sample's own case report excluded);
 3. builds x_v*: the index image least similar to x_v (same domain), diffused to ``noise_step`` (Eq. 2) with a
    per-sample seed, so a re-run makes the same image;
@@ -116,12 +116,22 @@ class PreferenceMiner:
             self.retriever, ok_samples, images, cfg.retrieval, route=cfg.route, with_images=cfg.style == "jomed"
         )
         sources = self.retriever.least_similar_docs(images, [c.domain for c in contexts])
-        noisy = []
-        for s, doc in zip(ok_samples, sources, strict=True):
-            source_image = load_image(
-                doc.image_bytes if doc.image_bytes is not None else doc.image_path, name=f"doc {doc.id}"
-            )
+        noisy: list[Image.Image] = []
+        minable: list[int] = []
+        for i, (s, doc) in enumerate(zip(ok_samples, sources, strict=True)):
+            try:
+                source_image = load_image(
+                    doc.image_bytes if doc.image_bytes is not None else doc.image_path, name=f"doc {doc.id}"
+                )
+            except RecordError as exc:  # x_v* cannot be built: this sample is not minable, the others are
+                result.rejects.append(Reject(s.id, "noise.source_doc", f"the least similar document {doc.id}: {exc}"))
+                continue
+            minable.append(i)
             noisy.append(noisy_image(source_image, cfg.noise_step, sample_seed(cfg.seed, s.id), cfg.noise_kind))
+        if not minable:
+            return result
+        good, contexts, sources = ([seq[i] for i in minable] for seq in (good, contexts, sources))
+        ok_samples, images = [g[0] for g in good], [g[1] for g in good]
         passes = {
             RAG: [reader_input(s, im, c, cfg.style) for s, im, c in zip(ok_samples, images, contexts, strict=True)],
             NO_RAG: [reader_input(s, im, None, cfg.style) for s, im in zip(ok_samples, images, strict=True)],

@@ -7,7 +7,8 @@ both M(x_v, x_t + x_r) and M(x_v, x_t). The loss is the next-token cross-entropy
 
 Model: the reader (tiny or a real local VLM) with peft LoRA on every linear layer of the language model --
 not the vision tower, the projector or ``lm_head``, as MMed-RAG's reference code -- and optionally the
-projector trained in full; or (``finetune="full"``) every parameter, to pretrain the random tiny reader.
+projector trained in full; or (``finetune="full"``) every parameter, to pretrain the tiny reader, optionally
+with the vision tower frozen (``freeze_vision_tower``: LLaVA's recipe, after ``pretrain_vision``).
 Validation: closed-question accuracy with and without retrieval (logit scoring).
 Export: the merged reader (``load_reader`` loads it like any other) and ``adapter/`` (the LoRA weights; none
 after a full fine-tune).
@@ -44,7 +45,9 @@ from medrag_ray.reader.prompts import ReaderInput
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-_NOT_LORA = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "lm_head")
+_VISION_TOWER = ("vision_tower", "vision_model", "visual")
+"""Module names of a VLM's image encoder (LLaVA, CLIP-style, Qwen2-VL)."""
+_NOT_LORA = (*_VISION_TOWER, "multi_modal_projector", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,7 @@ class ReaderSFTTask:
         lora: LoraSettings,
         style: str = "mmed",
         finetune: str = "lora",
+        freeze_vision_tower: bool = False,
     ) -> None:
         if finetune not in READER_FINETUNES:
             raise ValueError(f"{name}: finetune must be 'lora' or 'full', got {finetune!r}")
@@ -262,6 +266,7 @@ class ReaderSFTTask:
         self.lora = lora
         self.style = style
         self.finetune = finetune
+        self.freeze_vision_tower = freeze_vision_tower
         self.processor: Any = None
         self.collate = None
 
@@ -269,7 +274,17 @@ class ReaderSFTTask:
         model, self.processor = load_reader(self.reader_dir, device="cpu", dtype="float32")
         self.collate = functools.partial(collate, pad=pad_id(self.processor))
         if self.finetune == "full":
-            logger.info("full fine-tune: all %d parameters train", sum(p.numel() for p in model.parameters()))
+            if self.freeze_vision_tower:
+                for name, p in model.named_parameters():
+                    if set(_VISION_TOWER) & set(name.split(".")):
+                        p.requires_grad_(False)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info(
+                "full fine-tune%s: %d of %d parameters train",
+                " (vision tower frozen)" if self.freeze_vision_tower else "",
+                trainable,
+                sum(p.numel() for p in model.parameters()),
+            )
             return model.train()
         return add_lora(model, self.lora).train()
 
@@ -300,22 +315,34 @@ class ReaderSFTTask:
         if self.finetune == "full":
             save_reader(model, self.processor, directory)
             return
-        assert isinstance(model, PeftModel)
-        model.save_pretrained(str(directory / ADAPTER_DIR))
-        merged = copy.deepcopy(model).merge_and_unload()
-        save_reader(merged, self.processor, directory)
-        (directory / ADAPTER_DIR / "medrag_sft.json").write_text(
-            json.dumps({"base_reader": self.reader_dir, "style": self.style, "lora": asdict(self.lora)}, indent=1)
-            + "\n",
-            encoding="utf-8",
-        )
+        info = {"base_reader": self.reader_dir, "style": self.style, "lora": asdict(self.lora)}
+        export_lora_reader(model, self.processor, directory, info)
+
+
+def export_lora_reader(model: nn.Module, processor: Any, directory: Path, info: dict[str, Any]) -> None:
+    """Save a LoRA-adapted reader: the merged model (``load_reader`` loads it like any reader, Serve too), the
+    adapter in ``adapter/`` and ``adapter/medrag_sft.json`` with ``info`` (base reader, settings)."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"export_lora_reader needs a peft model, got {type(model).__name__}")
+    model.save_pretrained(str(directory / ADAPTER_DIR))
+    merged = copy.deepcopy(model).merge_and_unload()
+    save_reader(merged, processor, directory)
+    (directory / ADAPTER_DIR / "medrag_sft.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
 def make_reader_sft_task(
-    name: str, reader_dir: str, data_dir: str, lora: LoraSettings, style: str, max_val: int, finetune: str = "lora"
+    name: str,
+    reader_dir: str,
+    data_dir: str,
+    lora: LoraSettings,
+    style: str,
+    max_val: int,
+    finetune: str = "lora",
+    freeze_vision_tower: bool = False,
 ) -> ReaderSFTTask:
     """Read ``train.parquet`` / ``val.parquet`` written by :func:`write_sft_examples` in ``data_dir``."""
     root = Path(data_dir)
     val_path = root / "val.parquet"
     val = read_sft_examples(val_path)[:max_val] if val_path.is_file() and max_val else []
-    return ReaderSFTTask(name, reader_dir, read_sft_examples(root / "train.parquet"), val, lora, style, finetune)
+    train = read_sft_examples(root / "train.parquet")
+    return ReaderSFTTask(name, reader_dir, train, val, lora, style, finetune, freeze_vision_tower)

@@ -56,7 +56,7 @@ def corpus_pairs(path: str | Path, domains: Sequence[str] | None = None) -> list
     ]
 
 
-def _distinct_images(
+def distinct_images(
     path: Path, domains: Sequence[str] | None, require_text: bool = False
 ) -> Iterator[tuple[Sample, bytes]]:
     """The first row of each distinct image (by content hash) of a samples Parquet file, with its bytes,
@@ -74,14 +74,14 @@ def _distinct_images(
 
 def report_pairs(path: str | Path, domains: Sequence[str] | None = None) -> list[ImageTextPair]:
     """(image, report) pairs from a samples Parquet file: one per distinct image with a non-empty text."""
-    rows = _distinct_images(Path(path), domains, require_text=True)
+    rows = distinct_images(Path(path), domains, require_text=True)
     return [ImageTextPair(s.id, s.domain, data, s.text) for s, data in rows]
 
 
 def domain_examples(path: str | Path, domains: Sequence[str] | None = None) -> list[LabeledImage]:
     """One (image, domain) example per distinct image of a samples Parquet file (rows sharing an image
     -- several questions about one case -- would otherwise weight that image several times)."""
-    rows = _distinct_images(Path(path), domains)
+    rows = distinct_images(Path(path), domains)
     return [LabeledImage(s.id, data, s.domain, s.source) for s, data in rows]
 
 

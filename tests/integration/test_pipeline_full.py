@@ -1,11 +1,13 @@
 """The README's main job end to end on a tiny default: data -> models -> Ray Train router and retrievers ->
-Ray Data index -> reader pretraining -> reader RAG-SFT -> preference mining, then the retrieval API over what
-the pipeline wrote, the mining job's exactly-once guarantees (a killed actor, a resumed run) on the same
-artifacts, and the mining job submitted to a `ray start --head` cluster with `ray job submit`."""
+Ray Data index -> vision-tower and reader pretraining -> reader RAG-SFT -> preference mining -> RAG-PT DPO,
+then the retrieval API over what the pipeline wrote, the mining job's exactly-once guarantees (a killed actor, a
+resumed run) on the same artifacts, DPO's resume, and the mining job submitted to a `ray start --head` cluster
+with `ray job submit`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -15,13 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
 
-from jobs import mine_prefs, pipeline
+from jobs import mine_prefs, pipeline, train_dpo
 from jobs.runtime import shutdown_ray
 from medrag_ray.config import PIPELINE_STEPS, MinePrefsConfig
 from medrag_ray.data.readers.common import load_image
 from medrag_ray.data.schema import CorpusDoc, Sample, read_parquet
 from medrag_ray.eval.classification import classification_report
 from medrag_ray.mining.store import MiningStore
+from medrag_ray.models.reader import load_reader
 from medrag_ray.models.router import load_router
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
 from medrag_ray.retrieval.retriever import MultimodalRetriever
@@ -40,9 +43,10 @@ TINY = [
     "data.domains=[radiology,pathology]", "data.n_per_domain=18", "data.n_phenotypes=3", "data.image_size=32",
     "models.tokenizer_vocab_size=400",
     "models.encoder.image_size=32", "models.reader.image_size=32", "router_train.epochs=3", "router_train.batch_size=4",
-    "retriever_train.epochs=1", "retriever_train.batch_size=4", "reader_pretrain_cases=12", "reader_pretrain.epochs=1",
+    "retriever_train.epochs=1", "retriever_train.batch_size=4", "reader_pretrain_cases=12", "reader_vision.epochs=2",
+    "reader_vision.batch_size=4", "reader_pretrain.epochs=1",
     "reader_pretrain.batch_size=4", "reader_train.epochs=1", "reader_train.batch_size=4",
-    f"mining_limit={MINING_LIMIT}",
+    f"mining_limit={MINING_LIMIT}", "dpo_train.epochs=1", "dpo_train.batch_size=2",
 ]
 
 
@@ -92,7 +96,11 @@ def test_pipeline_trains_indexes_and_retrieves(built: tuple[Path, dict[str, Path
         assert 1 <= result.k_kept <= 5
         assert all(ids[h.doc_id].domain == doc.domain and h.text == ids[h.doc_id].text for h in result.hits)
 
+    vision_metrics = json.loads(outputs["pretrain_vision"].read_text())
+    assert [h["epoch"] for h in vision_metrics["history"]] == [1, 2] and "val_accuracy" in vision_metrics["final"]
+    assert vision_metrics["config"]["dataset_dir"] == str(tmp_path / "data" / "reader_pretrain")
     base_metrics = json.loads(outputs["pretrain_reader"].read_text())
+    assert base_metrics["config"]["reader_dir"] == str(tmp_path / "models" / "reader_vision")
     assert base_metrics["config"]["finetune"] == "full" and base_metrics["config"]["rag_fraction"] == 0.0
     pretrain_manifest = json.loads((tmp_path / "data" / "reader_pretrain" / "manifest.json").read_text())
     assert pretrain_manifest["config"]["seed"] == 1 and pretrain_manifest["config"]["n_per_domain"] == 12
@@ -116,6 +124,36 @@ def test_pipeline_trains_indexes_and_retrieves(built: tuple[Path, dict[str, Path
         assert pair.chosen == truth and pair.image_bytes == sample.image_bytes
         assert (pair.rejected == truth) == (pair.pair_type == "cm")  # D_cm rejects the right answer on x_v*
         assert (pair.noised_image_bytes is not None) == (pair.rejected_noised == 1) == (pair.pair_type == "cm")
+
+
+def test_rag_pt_stages_train_from_each_other_and_resume(built: tuple[Path, dict[str, Path]]) -> None:
+    root, outputs = built
+    metrics = json.loads(outputs["train_dpo"].read_text())
+    pairs = MiningStore(root / "prefs").pairs()
+    ran = [s for s in metrics["stages"] if "skipped" not in s]
+    assert ran, metrics["stages"]
+    kinds = {"cm": 1, "oa1": 2, "oa2": 2}
+    for stage in metrics["stages"]:
+        n = sum(kinds[p.pair_type] == stage["stage"] for p in pairs)
+        assert stage["pairs"]["train"] + stage["pairs"]["val"] == n
+        assert ("skipped" in stage) == (stage["pairs"]["train"] == 0)
+    assert ran[0]["reader_dir"] == str((root / "models" / "reader").resolve())
+    if len(ran) == 2:  # stage 2 starts from (and is referenced against) stage 1's reader
+        assert ran[1]["reader_dir"] == str((root / "data" / "dpo" / "stage1" / "reader").resolve())
+    for stage in ran:
+        assert [h["epoch"] for h in stage["history"]] == [1] and math.isfinite(stage["final"]["train_loss"])
+    assert (root / "models" / "reader_dpo" / "adapter").is_dir()
+    load_reader(root / "models" / "reader_dpo")
+    # the same command again resumes every stage from its finished checkpoint: nothing is retrained
+    try:
+        again = train_dpo.main(train_dpo.parse_args([
+            f"pairs_path={root / 'prefs' / 'pairs'}", f"reader_dir={root / 'models' / 'reader'}",
+            f"out_dir={root / 'models' / 'reader_dpo'}", f"work_dir={root / 'data' / 'dpo'}", "overwrite=true",
+            "train.epochs=1", "train.batch_size=2", f"ray_train.storage_path={root / 'ray_train'}",
+        ]))
+    finally:
+        shutdown_ray()
+    assert json.loads((again / "metrics.json").read_text())["stages"] == metrics["stages"]
 
 
 def mined_pairs(out_dir: Path) -> list[tuple]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.train_reader import PRETRAIN_CONFIG, parse_args, selected, write_examples
-from medrag_ray.config import ConfigError, TrainReaderConfig
+from medrag_ray.config import ConfigError, PretrainVisionConfig, TrainReaderConfig
 from medrag_ray.data.schema import Sample, read_parquet
 from medrag_ray.reader.sft import read_sft_examples
 from tests.unit.jobs.eval_fixtures import tiny_synthetic
@@ -24,7 +24,8 @@ def test_shipped_variants() -> None:
     assert parse_args([]) == TrainReaderConfig()
     pre = parse_args(["--config", str(PRETRAIN_CONFIG)])
     assert pre.finetune == "full" and pre.rag_fraction == 0.0 and pre.meta_filter == {"finding_kind": "visible"}
-    assert pre.reader_dir == "artifacts/models/init/reader" and pre.out_dir == TrainReaderConfig().reader_dir
+    assert pre.freeze_vision_tower and not TrainReaderConfig().freeze_vision_tower
+    assert pre.reader_dir == PretrainVisionConfig().out_dir and pre.out_dir == TrainReaderConfig().reader_dir
     with pytest.raises(ConfigError, match="finetune must be one of"):
         parse_args(["finetune=qlora"])
 

@@ -208,6 +208,28 @@ def test_bad_samples_are_rejected_and_the_batch_goes_on() -> None:
     assert retriever.retrieve_calls[0]["n"] == 2 and len(engine.calls[0]) == 6
 
 
+class BrokenFarDocRetriever(StubRetriever):
+    """The least similar document of sample ``oa2`` has an unreadable image."""
+
+    def least_similar_docs(self, images, domains):  # noqa: ANN001, ANN201
+        docs = super().least_similar_docs(images, domains)
+        broken = CorpusDoc(id="broken-doc", domain="radiology", split="train", source="stub", text="far",
+                           image_bytes=b"truncated", image_available=True)
+        return [broken if i == 1 else d for i, d in enumerate(docs)]
+
+
+def test_unreadable_noise_source_rejects_that_sample_only() -> None:
+    samples = good_samples()
+    miner, _, engine = make_miner(samples)
+    miner.retriever = BrokenFarDocRetriever()
+    result = miner.mine_batch(samples)
+    [reject] = result.rejects
+    assert (reject.sample_id, reject.field) == ("oa2", "noise.source_doc") and "broken-doc" in reject.reason
+    assert [o["sample_id"] for o in result.outcomes] == ["cm_oa1", "cm_only", "nothing"]
+    assert [p.id for p in result.pairs] == ["cm_oa1/cm", "cm_oa1/oa1", "cm_only/cm"]
+    assert len(engine.calls[0]) == 9 and not any(c.startswith("oa2:") for c in engine.calls[0])
+
+
 def test_all_rejected_batch_calls_nothing() -> None:
     samples = [closed_sample("maybe", "maybe", 2)]
     miner, retriever, engine = make_miner(samples)

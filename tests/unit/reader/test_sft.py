@@ -349,3 +349,19 @@ def test_full_finetune_trains_every_parameter_and_exports_without_adapter(reader
         assert torch.allclose(loaded(**batch).logits, reference, atol=1e-5)
     with pytest.raises(ValueError, match="finetune must be 'lora' or 'full'"):
         ReaderSFTTask("pre", reader_dir, examples, [], LORA, finetune="qlora")
+
+
+def test_full_finetune_with_a_frozen_vision_tower_trains_everything_else(reader_dir: Path) -> None:
+    samples = closed_samples(8)
+    examples = build_sft_examples(samples, [SampleContext("radiology", None)] * 8, 0.0, 0)
+    task = ReaderSFTTask("pre", reader_dir, examples, [], LORA, finetune="full", freeze_vision_tower=True)
+    model = task.build_model()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {n for n, _ in model.named_parameters() if "vision_tower" in n}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dataset = task.train_dataset()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    task.loss(model, task.collate([dataset[i] for i in range(len(dataset))])).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == set(before) - frozen  # projector, language model and lm_head all moved
