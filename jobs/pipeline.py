@@ -10,7 +10,8 @@ Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``p
 stand-in for a pretrained CLIP tower) -> ``pretrain_reader`` (the tiny reader, vision tower frozen, learns that
 set's questions without retrieval: the stand-in for a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with
 LoRA, Ray Train) -> ``mine_prefs`` (preference pairs, Ray Data) -> ``train_dpo`` (RAG-PT: DPO on D_cm, then
-D_oa, Ray Train).
+D_oa, Ray Train) -> ``distill_retriever`` (JOMED's heads and MR-RAG's fusion weights from the frozen reader: Ray
+Data scoring, Ray Train) -> ``evaluate`` (the RAG-PT ablation and FT RAG vs JOMED on the synthetic test split).
 Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
@@ -28,6 +29,8 @@ from pathlib import Path
 
 from jobs import (
     build_index,
+    distill_retriever,
+    evaluate,
     make_data,
     mine_prefs,
     prepare_models,
@@ -39,6 +42,8 @@ from jobs import (
 )
 from medrag_ray.config import (
     BuildIndexConfig,
+    DistillRetrieverConfig,
+    EvaluateConfig,
     MakeDataConfig,
     MinePrefsConfig,
     PipelineConfig,
@@ -75,6 +80,7 @@ def steps(cfg: PipelineConfig) -> list[Step]:
     reader_dir, prefs_dir = root / "models" / "reader", root / "prefs"
     base_reader_dir, pretrain_data_dir = root / "models" / "reader_base", root / "data" / "reader_pretrain"
     vision_reader_dir, dpo_reader_dir = root / "models" / "reader_vision", root / "models" / "reader_dpo"
+    jomed_dir, eval_dir = root / "models" / "retriever_jomed", root / "eval"
     context = ReaderContextConfig(router_dir=str(router_dir), index_dir=str(index_dir))
     storage = cfg.ray_train.storage_path
     if "://" not in storage and not Path(storage).is_absolute():
@@ -172,6 +178,30 @@ def steps(cfg: PipelineConfig) -> list[Step]:
                     pairs_path=str(prefs_dir / "pairs"), reader_dir=str(reader_dir), out_dir=str(dpo_reader_dir),
                     work_dir=str(root / "data" / "dpo"), overwrite=cfg.rebuild, train=cfg.dpo_train,
                     ray_train=ray_train, ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
+            "distill_retriever",
+            jomed_dir / "metrics.json",
+            lambda: distill_retriever.main(
+                DistillRetrieverConfig(
+                    dataset_dir=str(data_dir), reader_dir=str(reader_dir), context=context, out_dir=str(jomed_dir),
+                    work_dir=str(root / "data" / "distill"), limit=cfg.distill_limit, overwrite=cfg.rebuild,
+                    head_train=cfg.distill_head_train, fusion_train=cfg.distill_fusion_train, ray_train=ray_train,
+                    ray=cfg.ray,
+                )
+            ),
+        ),
+        Step(
+            "evaluate",
+            eval_dir / "rag_pt.json",
+            lambda: evaluate.main(
+                EvaluateConfig(
+                    samples_path=str(data_dir / "samples_test.parquet"), reader_dir=str(reader_dir),
+                    rag_pt_reader_dirs=(str(root / "data" / "dpo" / "stage1" / "reader"), str(dpo_reader_dir)),
+                    context=context, jomed_retriever_dir=str(jomed_dir), limit=cfg.eval_limit,
+                    out_dir=str(eval_dir), name="synthetic-test",
                 )
             ),
         ),

@@ -14,18 +14,17 @@ and ``metrics.json`` (per-finding validation accuracy, per epoch).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.runtime import init_ray
-from jobs.train_common import export_result, fit
-from medrag_ray.config import PretrainVisionConfig, parse_job_args, to_dict
+from jobs.train_common import fit_to_dir
+from medrag_ray.config import PretrainVisionConfig, parse_job_args
 from medrag_ray.reader.vision_pretrain import make_reader_vision_task
 from medrag_ray.train.tasks import dataset_file
-from medrag_ray.utils import atomic_output_dir, check_writable, setup_logging
+from medrag_ray.utils import check_writable, setup_logging
 
 logger = logging.getLogger("jobs.pretrain_vision")
 
@@ -52,12 +51,7 @@ def main(cfg: PretrainVisionConfig) -> Path:
         str(Path(cfg.dataset_dir).resolve()),
         cfg.finding_kinds,
     )
-    result = fit(cfg.run_name, factory, cfg.train, cfg.ray_train)
-    with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:
-        state = export_result(result, tmp)
-        metrics = {"config": to_dict(cfg), "final": state["history"][-1], "history": state["history"]}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    logger.info("%s: final %s; reader written to %s", cfg.run_name, json.dumps(state["history"][-1]), cfg.out_dir)
+    fit_to_dir(cfg, factory, cfg.out_dir, cfg.overwrite)
     return Path(cfg.out_dir)
 
 

@@ -24,9 +24,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jobs.runtime import cluster_has_gpu
-from medrag_ray.config import RayTrainConfig, TrainLoopConfig
+from medrag_ray.config import RayTrainConfig, TrainLoopConfig, to_dict
 from medrag_ray.train.loop import MODEL_DIR, STATE_FILE, TrainTask, train
-from medrag_ray.utils import setup_logging
+from medrag_ray.utils import atomic_output_dir, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +124,15 @@ def export_result(result: ray.train.Result, out_dir: Path) -> dict[str, Any]:
             raise RuntimeError(f"checkpoint {checkpoint} has no {MODEL_DIR}/; it was not written by this job")
         shutil.copytree(checkpoint / MODEL_DIR, out_dir, dirs_exist_ok=True)
         return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def fit_to_dir(cfg: Any, task_factory: TaskFactory, out_dir: str, overwrite: bool) -> dict[str, Any]:
+    """Run ``cfg``'s Ray Train job (``cfg.run_name``, ``cfg.train``, ``cfg.ray_train``) and write its final model and
+    ``metrics.json`` (the job config, the final and every epoch's metrics) to ``out_dir`` atomically."""
+    result = fit(cfg.run_name, task_factory, cfg.train, cfg.ray_train)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        state = export_result(result, tmp)
+        metrics = {"config": to_dict(cfg), "final": state["history"][-1], "history": state["history"]}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    logger.info("%s: final %s; written to %s", cfg.run_name, json.dumps(state["history"][-1]), out_dir)
+    return state

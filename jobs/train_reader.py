@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.runtime import init_ray
-from jobs.train_common import export_result, fit
-from medrag_ray.config import TrainReaderConfig, parse_job_args, to_dict
+from jobs.train_common import fit_to_dir
+from medrag_ray.config import TrainReaderConfig, parse_job_args
 from medrag_ray.data.schema import Sample, read_parquet
 from medrag_ray.reader.context import SampleContext, retrieve_contexts, sample_image
 from medrag_ray.reader.sft import build_sft_examples, make_reader_sft_task, write_sft_examples
 from medrag_ray.retrieval.retriever import MultimodalRetriever
 from medrag_ray.train.tasks import dataset_file
-from medrag_ray.utils import atomic_output_dir, check_writable, setup_logging
+from medrag_ray.utils import check_writable, setup_logging
 
 logger = logging.getLogger("jobs.train_reader")
 
@@ -115,12 +115,7 @@ def main(cfg: TrainReaderConfig) -> Path:
         cfg.finetune,
         cfg.freeze_vision_tower,
     )
-    result = fit(cfg.run_name, factory, cfg.train, cfg.ray_train)
-    with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:
-        state = export_result(result, tmp)
-        metrics = {"config": to_dict(cfg), "final": state["history"][-1], "history": state["history"]}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    logger.info("%s: final %s; reader written to %s", cfg.run_name, json.dumps(state["history"][-1]), cfg.out_dir)
+    fit_to_dir(cfg, factory, cfg.out_dir, cfg.overwrite)
     return Path(cfg.out_dir)
 
 

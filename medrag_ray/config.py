@@ -1036,7 +1036,9 @@ class TrainDPOConfig:
     run_name: str = "reader-dpo"
     """Ray Train runs are named ``<run_name>-stage<i>``; a re-run resumes each from its last checkpoint."""
     overwrite: bool = False
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = LoraSettings(modules_to_save=())
+    """LoRA adapters only, as the reference code (the reader has been through RAG-SFT: its projector and lm_head
+    are trained; training them in full here collapsed the tiny reader's answers in a trial with lr 2e-3)."""
     train: TrainLoopConfig = TrainLoopConfig(epochs=3, batch_size=4, lr=5e-4, weight_decay=0.0, warmup_fraction=0.1)
     ray_train: RayTrainConfig = RayTrainConfig()
     ray: RayConfig = RayConfig(num_cpus=4)
@@ -1060,11 +1062,120 @@ class TrainDPOConfig:
             raise ConfigError(f"noise_step must be an integer in [0, 999], got {self.noise_step!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillRetrieverConfig:
+    """``jobs/distill_retriever.py``: JOMED's sequential dual-head distillation from the frozen reader (text head,
+    then image head, Sharp Perplexity KL) and MR-RAG's fusion weights from the reader's confidence."""
+
+    dataset_dir: str = "artifacts/data/synthetic"
+    """``samples_train.parquet`` (scored and trained on) and ``samples_val.parquet`` (validation); only closed
+    questions with a yes/no answer are used."""
+    reader_dir: str = "artifacts/models/reader"
+    """The frozen reader whose answers teach the retriever (JOMED trains it with ``context.style=jomed``)."""
+    context: ReaderContextConfig = ReaderContextConfig()
+    """The router and the index whose per-domain retrievers are distilled."""
+    out_dir: str = "artifacts/models/retriever_jomed"
+    """Receives one dual-head retriever per domain (``<domain>/``: encoder, heads, fusion weights) and
+    ``metrics.json``; pass them as ``retriever_dirs`` to ``MultimodalRetriever.from_artifacts``."""
+    work_dir: str = "artifacts/data/distill"
+    """The scoring pass writes ``scores/<head>/<split>/`` here; every head's export goes to ``heads/<part>/``."""
+    k: int = 4
+    """Candidates per question (JOMED retrieves r = 4 pairs)."""
+    temperature: float = 0.1
+    """tau of the retriever's distribution softmax(s / tau) over the candidates' cosines."""
+    fusion_temperature: float = 0.1
+    """tau of MR-RAG's Eq. 2 InfoNCE."""
+    n_negatives: int = 2
+    """MR-RAG's bottom-m negatives per question."""
+    limit: int = 0
+    """Score ``limit`` evenly spaced closed questions of each split (0 = all of them)."""
+    route: bool = True
+    """Route with F(x_v) (the paper); false uses each sample's labelled domain."""
+    reader_batch_size: int = 32
+    batch_size: int = 32
+    """Samples per scoring actor batch."""
+    num_actors: int = 2
+    device: str = "auto"
+    run_name: str = "retriever-distill"
+    """Ray Train runs are ``<run_name>-text``, ``-image`` and ``-fusion``; a re-run resumes each."""
+    overwrite: bool = False
+    head_train: TrainLoopConfig = TrainLoopConfig(epochs=10, batch_size=16, lr=1e-3, weight_decay=0.0)
+    fusion_train: TrainLoopConfig = TrainLoopConfig(epochs=10, batch_size=16, lr=1e-2, weight_decay=0.0)
+    ray_train: RayTrainConfig = RayTrainConfig()
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        for name in ("dataset_dir", "reader_dir", "out_dir", "work_dir", "run_name"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must not be empty")
+        if self.k < 2:
+            raise ConfigError(f"k must be >= 2 (the loss compares candidates), got {self.k!r}")
+        for name in ("temperature", "fusion_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("n_negatives", "reader_batch_size", "batch_size", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """``jobs/evaluate.py``: the RAG-PT ablation (MMed-RAG Table 2 shape) with CR / OR rates, and FT RAG vs JOMED vs
+    the oracle on consistent / inconsistent questions (JOMED Table 5 shape). Test splits only evaluate."""
+
+    samples_path: str = "artifacts/data/synthetic/samples_test.parquet"
+    """Closed yes/no questions are evaluated; other rows are skipped and counted."""
+    reader_dir: str = "artifacts/models/reader"
+    """The RAG-SFT reader: the no-retrieval, fixed-k and adaptive-k rows, and FT RAG / JOMED's reader."""
+    rag_pt_reader_dirs: tuple[str, ...] = ("artifacts/data/dpo/stage1/reader", "artifacts/models/reader_dpo")
+    """One ``+ RAG-PT stage <i>`` row per reader (``jobs/train_dpo.py``'s stage readers); missing ones are skipped."""
+    context: ReaderContextConfig = ReaderContextConfig()
+    """Router, index, prompt style and the adaptive-k settings of the adaptive rows."""
+    fixed_k: int = 3
+    """k of the ``+ retrieval (fixed k)`` row (adaptive-k off)."""
+    jomed_retriever_dir: str = "artifacts/models/retriever_jomed"
+    """``jobs/distill_retriever.py``'s output (per-domain directories); empty or missing skips the JOMED table."""
+    jomed_k: int = 4
+    jomed_temperature: float = 0.1
+    """tau of p_R = softmax(s / tau) in the logit fusion."""
+    alignment: bool = True
+    """Also compute CR / OR rates (three reader passes per question) for the SFT and the last RAG-PT reader."""
+    noise_step: int = 500
+    route: bool = True
+    limit: int = 0
+    """Evaluate only the first ``limit`` rows of ``samples_path`` (0 = all)."""
+    batch_size: int = 32
+    device: str = "auto"
+    out_dir: str = "artifacts/eval"
+    """Writes ``rag_pt.json/.md`` and ``jomed.json/.md`` here."""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("samples_path", "reader_dir", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a path, got an empty string")
+        for name in ("fixed_k", "jomed_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.jomed_temperature > 0:
+            raise ConfigError(f"jomed_temperature must be > 0, got {self.jomed_temperature!r}")
+        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step <= 999:
+            raise ConfigError(f"noise_step must be an integer in [0, 999], got {self.noise_step!r}")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        if self.device not in EMBED_DEVICES:
+            raise ConfigError(f"device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
+
+
 # ------------------------------------------------------------------------------------- the pipeline
 
 PIPELINE_STEPS: tuple[str, ...] = (
     "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_vision",
-    "pretrain_reader", "train_reader", "mine_prefs", "train_dpo",
+    "pretrain_reader", "train_reader", "mine_prefs", "train_dpo", "distill_retriever", "evaluate",
 )
 """The pipeline's steps in order."""
 
@@ -1102,6 +1213,14 @@ class PipelineConfig:
     """``limit`` of ``jobs/mine_prefs.py`` (0 = mine every train sample; about 30 min on 2 cores)."""
     dpo_train: TrainLoopConfig = TrainDPOConfig().train
     """``train`` of ``jobs/train_dpo.py`` (RAG-PT: DPO stage 1 on D_cm, stage 2 on D_oa, on the mined pairs)."""
+    distill_limit: int = 600
+    """``limit`` of ``jobs/distill_retriever.py``: train (and val) questions whose candidates the reader scores."""
+    distill_head_train: TrainLoopConfig = DistillRetrieverConfig().head_train
+    """``head_train`` of ``jobs/distill_retriever.py`` (the text head, then the image head)."""
+    distill_fusion_train: TrainLoopConfig = DistillRetrieverConfig().fusion_train
+    """``fusion_train`` of ``jobs/distill_retriever.py`` (MR-RAG's fusion weights)."""
+    eval_limit: int = 0
+    """``limit`` of ``jobs/evaluate.py`` on the synthetic test split (0 = all)."""
     ray_train: RayTrainConfig = RayTrainConfig(storage_path="ray_train")
     """Ray Train settings of the training steps (runs are named router / retriever-<domain> / reader-sft); a relative
     ``storage_path`` is taken under ``artifacts_dir``. ``rebuild=true`` also sets ``resume=false``."""

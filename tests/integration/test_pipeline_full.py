@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
+import torch
 
 from jobs import mine_prefs, pipeline, train_dpo
 from jobs.runtime import shutdown_ray
@@ -26,8 +27,9 @@ from medrag_ray.eval.classification import classification_report
 from medrag_ray.mining.store import MiningStore
 from medrag_ray.models.reader import load_reader
 from medrag_ray.models.router import load_router
+from medrag_ray.retrieval.distill import read_scored
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
-from medrag_ray.retrieval.retriever import MultimodalRetriever
+from medrag_ray.retrieval.retriever import MultimodalRetriever, load_retriever
 from medrag_ray.train.data import domain_examples
 from medrag_ray.train.tasks import predict_domains
 from tests.conftest import REPO_ROOT
@@ -46,7 +48,9 @@ TINY = [
     "retriever_train.epochs=1", "retriever_train.batch_size=4", "reader_pretrain_cases=12", "reader_vision.epochs=2",
     "reader_vision.batch_size=4", "reader_pretrain.epochs=1",
     "reader_pretrain.batch_size=4", "reader_train.epochs=1", "reader_train.batch_size=4",
-    f"mining_limit={MINING_LIMIT}", "dpo_train.epochs=1", "dpo_train.batch_size=2",
+    f"mining_limit={MINING_LIMIT}", "dpo_train.epochs=1", "dpo_train.batch_size=2", "distill_limit=12",
+    "distill_head_train.epochs=2", "distill_head_train.batch_size=2", "distill_fusion_train.epochs=1",
+    "distill_fusion_train.batch_size=2", "eval_limit=30",
 ]
 
 
@@ -154,6 +158,47 @@ def test_rag_pt_stages_train_from_each_other_and_resume(built: tuple[Path, dict[
     finally:
         shutdown_ray()
     assert json.loads((again / "metrics.json").read_text())["stages"] == metrics["stages"]
+
+
+def test_distillation_trains_the_text_head_then_the_image_head_then_fusion(built) -> None:  # noqa: ANN001
+    root, outputs = built
+    out, work = root / "models" / "retriever_jomed", root / "data" / "distill"
+    metrics = json.loads(outputs["distill_retriever"].read_text())
+    assert metrics["scored_queries"] == {"text/train": 12, "text/val": 12, "image/train": 12, "image/val": 12}
+    assert [len(metrics["runs"][p]["history"]) for p in ("text", "image", "fusion")] == [2, 2, 1]
+    assert "val_kl" in metrics["runs"]["text"]["final"] and "val_fused_accuracy" in metrics["runs"]["image"]["final"]
+    trained = {q.domain for q in read_scored(work / "scores" / "text" / "train")}
+    assert trained
+    for domain in trained:  # the text run moves the text head only; the image run the image head only
+        text_run = load_retriever(work / "heads" / "text" / domain)
+        image_run = load_retriever(work / "heads" / "image" / domain)
+        final = load_retriever(out / domain)
+        eye = torch.eye(final.embed_dim)
+        assert not torch.equal(text_run.text_head.weight, eye) and torch.equal(text_run.image_head.weight, eye)
+        assert torch.equal(image_run.text_head.weight, text_run.text_head.weight)
+        assert not torch.equal(image_run.image_head.weight, eye)
+        assert torch.equal(final.image_head.weight, image_run.image_head.weight)
+    domains = ["pathology", "radiology"]
+    mr = MultimodalRetriever.from_artifacts(root / "models" / "router", root / "index",
+                                            retriever_dirs={d: out / d for d in domains})
+    doc = read_parquet(root / "data" / "synthetic" / "corpus.parquet", CorpusDoc)[0]
+    [result] = mr.retrieve([load_image(doc.image_bytes)], cfg=RetrievalConfig(k=3, mode="fused", adaptive="none"))
+    assert len(result.hits) == 3
+
+
+def test_evaluation_rows_and_the_jomed_table(built) -> None:  # noqa: ANN001
+    root, outputs = built
+    rag_pt = json.loads(outputs["evaluate"].read_text())
+    jomed = json.loads((root / "eval" / "jomed.json").read_text())
+    closed = [s for s in read_parquet(root / "data" / "synthetic" / "samples_test.parquet", Sample)[:30]
+              if s.answer_type == "closed"]
+    rows = rag_pt["rows"]
+    assert list(rows)[:3] == ["reader, no retrieval", "+ retrieval (fixed k=3)", "+ adaptive-k (gap)"]
+    assert len(rows) == 3 + len(rag_pt["rag_pt_readers"]) and rag_pt["rag_pt_readers"]
+    assert all(r["overall"]["n"] == len(closed) for r in rows.values())
+    assert rag_pt["alignment"]["rag_sft"]["n"] == len(closed) and "rag_pt" in rag_pt["alignment"]
+    assert jomed["all"]["n"] == len(closed) == jomed["consistent"]["n"] + jomed["inconsistent"]["n"]
+    assert (root / "eval" / "rag_pt.md").is_file() and (root / "eval" / "jomed.md").is_file()
 
 
 def mined_pairs(out_dir: Path) -> list[tuple]:

@@ -35,14 +35,6 @@ LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 PROMPT = closed_rag_prompt("Is there cardiomegaly?", ["Mild cardiomegaly."], "radiology")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def png(value: int, size: int = 32) -> bytes:
     rng = np.random.default_rng(value)
     pixels = np.clip(value + rng.integers(-8, 9, (size, size, 3)), 0, 255).astype(np.uint8)

@@ -39,15 +39,6 @@ REPORTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two spinning threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reader():
     tokenizer = train_bpe_tokenizer(CORPUS * 4, vocab_size=400)

@@ -43,15 +43,6 @@ QUESTION = "Is there cardiomegaly?"
 LM_SUFFIXES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two spinning threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def png(value: int, size: int = 32) -> bytes:
     rng = np.random.default_rng(value)
     pixels = np.clip(value + rng.integers(-8, 9, (size, size, 3)), 0, 255).astype(np.uint8)

@@ -32,14 +32,6 @@ from tests.unit.models.conftest import CORPUS
 DOMAINS = ("radiology", "pathology")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = SyntheticDataConfig(

@@ -1,0 +1,151 @@
+"""Evaluate RAG-PT and JOMED on closed (yes/no) questions (plain Python, no Ray; a test split is small).
+
+    python jobs/evaluate.py [--config jobs/configs/evaluate.yaml] [name=synthetic-test] [limit=400]
+    python jobs/evaluate.py samples_path=/data/vqa_rad_test.parquet route=false name=vqa_rad-test
+    ray job submit --working-dir . -- python jobs/evaluate.py out_dir=/abs/eval
+
+Writes ``<out_dir>/rag_pt.json/.md`` -- the ablation rows (the SFT reader without retrieval, with a fixed k,
+with adaptive-k, then each RAG-PT stage's reader with adaptive-k: accuracy, macro F1 and AUROC overall and per
+domain) and the CR / OR rates of the SFT and the last RAG-PT reader -- and, when the distilled retriever exists,
+``jomed.json/.md``: FT RAG vs JOMED's logit fusion vs the oracle on all, consistent and inconsistent questions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medrag_ray.config import EvaluateConfig, parse_job_args, to_dict
+from medrag_ray.data.schema import RecordError, Sample, read_parquet
+from medrag_ray.eval.outputs import write_json_and_markdown
+from medrag_ray.eval.rag_pt_eval import (
+    ablation_markdown,
+    alignment_rates,
+    grouped_metrics,
+    jomed_comparison,
+    jomed_markdown,
+    predict_closed,
+)
+from medrag_ray.mining.miner import MiningSettings
+from medrag_ray.reader.answers import YES_NO, normalize_closed
+from medrag_ray.reader.context import sample_image
+from medrag_ray.utils import setup_logging
+
+logger = logging.getLogger("jobs.evaluate")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "evaluate.yaml"
+
+
+def parse_args(argv: Sequence[str] | None) -> EvaluateConfig:
+    return parse_job_args(EvaluateConfig, argv, DEFAULT_CONFIG)
+
+
+def closed_samples(cfg: EvaluateConfig) -> tuple[list[Sample], list[Any], dict[str, int]]:
+    """The closed yes/no samples with a readable image, their images, and what was skipped."""
+    rows = read_parquet(cfg.samples_path, Sample)
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    kept, images, skipped = [], [], {"not_closed_yes_no": 0, "undecodable_image": 0}
+    for s in rows:
+        if s.answer_type != "closed" or normalize_closed(s.answer, YES_NO) is None:
+            skipped["not_closed_yes_no"] += 1
+            continue
+        try:
+            images.append(sample_image(s))
+        except RecordError as exc:
+            logger.warning("skipping sample %s: %s", s.id, exc)
+            skipped["undecodable_image"] += 1
+            continue
+        kept.append(s)
+    if not kept:
+        raise ValueError(f"{cfg.samples_path} has no closed yes/no question with a readable image (skipped {skipped})")
+    return kept, images, skipped
+
+
+def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate; writes and returns ``{"rag_pt": ..., "jomed": ... or None}``."""
+    for path, what in ((cfg.reader_dir, "reader_dir"), (cfg.context.router_dir, "context.router_dir"),
+                       (cfg.context.index_dir, "context.index_dir"), (cfg.samples_path, "samples_path")):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{what}: {path} does not exist; build it with `python jobs/pipeline.py`")
+    from medrag_ray.models.reader import load_reader
+    from medrag_ray.reader.engine import ReaderEngine
+    from medrag_ray.retrieval.retriever import MultimodalRetriever
+
+    samples, images, skipped = closed_samples(cfg)
+    retriever = MultimodalRetriever.from_artifacts(
+        cfg.context.router_dir, cfg.context.index_dir, device=cfg.device, with_images=True
+    )
+
+    def engine_for(reader_dir: str) -> ReaderEngine:
+        model, processor = load_reader(reader_dir, device=cfg.device)
+        return ReaderEngine(model, processor, cfg.batch_size)
+
+    adaptive = cfg.context.retrieval
+    fixed = dataclasses.replace(adaptive, k=max(adaptive.k, cfg.fixed_k), k_max=cfg.fixed_k, adaptive="none")
+    sft = engine_for(cfg.reader_dir)
+
+    def predict(engine: ReaderEngine, retrieval: Any) -> Any:
+        return predict_closed(engine, retriever, samples, images, retrieval, cfg.context.style, cfg.route)
+
+    rows = {
+        "reader, no retrieval": predict(sft, None),
+        f"+ retrieval (fixed k={cfg.fixed_k})": predict(sft, fixed),
+        f"+ adaptive-k ({adaptive.adaptive})": predict(sft, adaptive),
+    }
+    stage_dirs = [d for d in cfg.rag_pt_reader_dirs if Path(d).is_dir()]
+    for missing in sorted(set(cfg.rag_pt_reader_dirs) - set(stage_dirs)):
+        logger.warning("RAG-PT reader %s does not exist; its row is skipped (run jobs/train_dpo.py)", missing)
+    stage_engines = [engine_for(d) for d in stage_dirs]
+    for i, engine in enumerate(stage_engines, start=1):
+        rows[f"+ RAG-PT stage {i}"] = predict(engine, adaptive)
+    table = {name: grouped_metrics(pred) for name, pred in rows.items()}
+    alignment: dict[str, Any] = {}
+    if cfg.alignment:
+        settings = MiningSettings(retrieval=adaptive, style=cfg.context.style, noise_step=cfg.noise_step,
+                                  route=cfg.route)
+        alignment["rag_sft"] = alignment_rates(sft, retriever, samples, settings)
+        if stage_engines:
+            alignment["rag_pt"] = alignment_rates(stage_engines[-1], retriever, samples, settings)
+    title = "RAG-PT ablation, closed questions" + (f" ({cfg.name})" if cfg.name else "")
+    markdown = ablation_markdown(table, title) + _alignment_markdown(alignment)
+    rag_pt = {"name": cfg.name, "rows": table, "alignment": alignment, "skipped": skipped,
+              "rag_pt_readers": stage_dirs, "config": to_dict(cfg)}
+    path = write_json_and_markdown(cfg.out_dir, "rag_pt", rag_pt, markdown)
+    logger.info("RAG-PT ablation:\n%s\nwrote %s", markdown, path)
+    jomed = None
+    if cfg.jomed_retriever_dir and Path(cfg.jomed_retriever_dir).is_dir():
+        domains = [d for d in retriever.domains if (Path(cfg.jomed_retriever_dir) / d).is_dir()]
+        distilled = MultimodalRetriever.from_artifacts(
+            cfg.context.router_dir, cfg.context.index_dir, device=cfg.device, with_images=True,
+            retriever_dirs={d: Path(cfg.jomed_retriever_dir) / d for d in domains},
+        )
+        out = jomed_comparison(sft, retriever, distilled, samples, images, cfg.jomed_k, cfg.jomed_temperature,
+                               route=cfg.route)
+        jomed = {"name": cfg.name, **out.analysis, "config": to_dict(cfg)}
+        jmd = jomed_markdown(out.analysis, "FT RAG vs JOMED vs oracle" + (f" ({cfg.name})" if cfg.name else ""))
+        path = write_json_and_markdown(cfg.out_dir, "jomed", jomed, jmd)
+        logger.info("JOMED comparison:\n%s\nwrote %s", jmd, path)
+    else:
+        logger.warning("no distilled retriever at %r; the JOMED table is skipped (run jobs/distill_retriever.py)",
+                       cfg.jomed_retriever_dir)
+    return {"rag_pt": rag_pt, "jomed": jomed}
+
+
+def _alignment_markdown(alignment: dict[str, Any]) -> str:
+    if not alignment:
+        return ""
+    lines = ["", "| reader | CR rate | OR rate | n |", "|---|---|---|---|"]
+    for name, a in alignment.items():
+        lines.append(f"| {name} | {a['cr_rate']:.3f} ({a['cr_numerator']}/{a['cr_denominator']}) | "
+                     f"{a['or_rate']:.3f} ({a['or_numerator']}/{a['or_denominator']}) | {a['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(parse_args(sys.argv[1:]))
