@@ -288,6 +288,12 @@ class DomainRetrievers(nn.Module):
         txt_txt = _cosine(batch.question_emb.to(device), batch.doc_text_emb.to(device))
         return CandidateSims(img_txt=text, img_img=image, txt_txt=txt_txt)
 
+    def every_trainable_parameter(self) -> Tensor:
+        """``0 * sum`` of every trainable parameter: added to a loss it gives each one a (zero) gradient, so
+        data-parallel workers whose batches hold different domains reduce the same gradients (DeepSpeed's
+        gradient reduction expects every worker to produce the same set)."""
+        return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros(()))
+
     def fusion_weights(self, domains: Sequence[str]) -> Tensor:
         return torch.stack([self.retrievers[d].fusion.weights for d in domains])  # type: ignore[union-attr]
 
@@ -370,8 +376,9 @@ class HeadDistillTask(_RetrieverTask):
     def loss(self, model: nn.Module, batch: CandidateBatch) -> Tensor:
         assert isinstance(model, DomainRetrievers)
         scores = model.head_scores(batch, self.head)
-        return sharp_perplexity_kl(batch.gold_logprobs.to(scores.device), scores, self.temperature,
+        loss = sharp_perplexity_kl(batch.gold_logprobs.to(scores.device), scores, self.temperature,
                                    batch.mask.to(scores.device))
+        return loss + model.every_trainable_parameter().to(loss.device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -436,10 +443,11 @@ class FusionTask(_RetrieverTask):
         scores = self._scores(model, batch)
         positive, candidates = confidence_labels(batch.gold_logprobs, batch.mask, self.n_negatives)
         keep = candidates.any(dim=-1)
+        touch = model.every_trainable_parameter().to(scores.device)
         if not keep.any():
-            return scores.sum() * 0.0
-        return fused_info_nce(scores[keep], positive[keep].to(scores.device), temperature=self.temperature,
-                              candidate_mask=candidates[keep].to(scores.device))
+            return scores.sum() * 0.0 + touch
+        return touch + fused_info_nce(scores[keep], positive[keep].to(scores.device), temperature=self.temperature,
+                                      candidate_mask=candidates[keep].to(scores.device))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -139,3 +139,17 @@ def test_fusion_weights_learn_which_similarity_finds_the_helpful_documents(retri
     assert before["val_best_candidate_agreement"] == 0.0 and metrics["val_best_candidate_agreement"] == 1.0
     r = model.retrievers["radiology"]
     assert torch.equal(r.text_head.weight, torch.eye(r.embed_dim))  # heads frozen while fusion trains
+
+
+def test_every_trainable_parameter_gets_a_gradient_from_a_one_domain_batch(retriever_and_samples) -> None:
+    """Data-parallel workers must reduce the same gradients even when their batches hold different domains."""
+    mr, samples, images, _, _, save_dir = retriever_and_samples
+    scored = score_candidates(mr, ScriptedReader(), samples[:4], images[:4], "text", k=3, route=False)
+    task = HeadDistillTask("text", "text", {"radiology": str(save_dir), "pathology": str(save_dir)}, scored, [], 0.1)
+    model = task.build_model()
+    task.loss(model, task.collate(scored)).backward()  # radiology queries only
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".")[1] for n in trainable} == {"radiology", "pathology"}
+    assert all(p.grad is not None for p in trainable.values())
+    assert torch.all(trainable["retrievers.pathology.text_head.weight"].grad == 0)
+    assert trainable["retrievers.radiology.text_head.weight"].grad.abs().sum() > 0
