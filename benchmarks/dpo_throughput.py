@@ -1,6 +1,7 @@
 """RAG-PT DPO training throughput: pairs/s of ``jobs/train_dpo.py`` with 1 vs 2 Ray Train workers, in one run.
 
-    python benchmarks/dpo_throughput.py [--artifacts artifacts] [--pairs 256] [--epochs 2] [--batch-size 4]
+    python benchmarks/dpo_throughput.py [--artifacts artifacts] [--pairs 256] [--pairs-dir DIR] [--epochs 2] \
+        [--batch-size 4]
 
 On the same reader (``<artifacts>/models/reader``) and the same mined pairs (the first ``--pairs`` of
 ``<artifacts>/prefs/pairs``, every kind in one stage; run ``python jobs/pipeline.py`` first), each run trains
@@ -48,13 +49,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--pairs-dir", type=Path, default=None, help="default: <artifacts>/prefs/pairs")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     setup_logging()
-    pairs = read_parquet(args.artifacts / "prefs" / "pairs", PreferencePair)[: args.pairs]
+    pairs_dir = args.pairs_dir or args.artifacts / "prefs" / "pairs"
+    pairs = read_parquet(pairs_dir, PreferencePair)[: args.pairs]
     if len(pairs) < 4 * args.batch_size:
-        raise SystemExit(f"only {len(pairs)} mined pairs in {args.artifacts / 'prefs'}; mine more (mining_limit=0)")
+        raise SystemExit(f"only {len(pairs)} mined pairs in {pairs_dir}; mine more (mining_limit=0) or lower --pairs")
     with tempfile.TemporaryDirectory(prefix="dpo_bench_") as tmp:
         scratch = Path(tmp)
         write_parquet(pairs, PreferencePair, scratch / "pairs.parquet")
