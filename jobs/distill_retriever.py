@@ -4,9 +4,10 @@
     ray job submit --working-dir . -- python jobs/distill_retriever.py work_dir=/shared/distill \
         out_dir=/shared/models/retriever_jomed ray_train.storage_path=/shared/ray_train
 
-1. A Ray Data pass per head and split (``map_batches(CandidateScorer)``, GPU actors on a GPU cluster): route ->
-   the head's top-k candidates (a sample's own case excluded) -> the frozen reader answers once per candidate
-   with that (image, text) pair prepended -> ``work_dir/scores/<head>/<split>/`` (skipped when present).
+1. One Ray Data pass over the train and val questions (``map_batches(CandidateScorer)``, GPU actors on a GPU
+   cluster; the reader and retriever load once per actor): route -> each head's top-k candidates (a sample's own
+   case excluded) -> the frozen reader answers once per candidate with that (image, text) pair prepended ->
+   ``work_dir/scores/`` (rows tagged with head and split; skipped when complete).
 2. Ray Train runs ``<run_name>-text`` then ``<run_name>-image`` (JOMED's Sharp Perplexity KL, each head alone)
    and ``<run_name>-fusion`` (MR-RAG Eq. 2 on reader-confidence labels), each from the previous one's export.
 3. ``out_dir/<domain>/``: the distilled dual-head retrievers, and ``metrics.json`` with every run's history.
@@ -37,11 +38,12 @@ from medrag_ray.reader.answers import YES_NO, normalize_closed
 from medrag_ray.reader.context import sample_image
 from medrag_ray.retrieval.distill import (
     DISTILL_HEADS,
-    SCORED_SCHEMA,
+    SCORES_SCHEMA,
+    count_scores,
     make_fusion_task,
     make_head_task,
     score_candidates,
-    scores_path,
+    scores_rows,
 )
 from medrag_ray.retrieval.embed import read_manifest
 from medrag_ray.utils import atomic_output_dir, check_writable, setup_logging
@@ -57,9 +59,10 @@ def parse_args(argv: Sequence[str] | None) -> DistillRetrieverConfig:
 
 
 class CandidateScorer:
-    """One Ray Data actor: loads the retriever (with document images) and the reader once, scores batches."""
+    """One Ray Data actor: loads the retriever (with document images) and the reader once, scores batches with
+    every head."""
 
-    def __init__(self, cfg: DistillRetrieverConfig, head: str) -> None:
+    def __init__(self, cfg: DistillRetrieverConfig, splits: dict[str, str]) -> None:
         import torch
 
         from medrag_ray.models.reader import load_reader
@@ -75,22 +78,28 @@ class CandidateScorer:
         )
         model, processor = load_reader(cfg.reader_dir, device=device)
         self.engine = ReaderEngine(model, processor, cfg.reader_batch_size)
-        self.cfg, self.head = cfg, head
+        self.cfg, self.splits = cfg, splits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        samples, images = [], []
+        by_split: dict[str, tuple[list[Sample], list[Any]]] = {}
         for row in batch.to_pylist():
+            split = self.splits[Path(row.pop("path")).name]
             try:
                 sample = Sample(**row)
                 image = sample_image(sample)
             except (RecordError, TypeError) as exc:
                 logger.warning("skipping sample %s: %s", row.get("id"), exc)
                 continue
+            samples, images = by_split.setdefault(split, ([], []))
             samples.append(sample)
             images.append(image)
-        scored = score_candidates(self.retriever, self.engine, samples, images, self.head, self.cfg.k,
-                                  route=self.cfg.route) if samples else []
-        return pa.Table.from_pylist([q.to_row() for q in scored], schema=SCORED_SCHEMA)
+        rows = []
+        for split, (samples, images) in by_split.items():
+            for head in DISTILL_HEADS:
+                scored = score_candidates(self.retriever, self.engine, samples, images, head, self.cfg.k,
+                                          route=self.cfg.route)
+                rows.extend(scores_rows(scored, split))
+        return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
 
 
 def _scorable(answer_type: str, answer: str) -> bool:
@@ -111,27 +120,29 @@ def scores_dir(cfg: DistillRetrieverConfig) -> Path:
     return Path(cfg.work_dir) / "scores"
 
 
-def score_split(cfg: DistillRetrieverConfig, head: str, split: str) -> Path:
-    """The Ray Data scoring pass of one head over one split (skipped when its output is complete)."""
-    out = scores_path(scores_dir(cfg), head, split)
+def score(cfg: DistillRetrieverConfig, splits: Sequence[str]) -> Path:
+    """The Ray Data scoring pass of every head over ``splits`` (skipped when its output is complete)."""
+    out = scores_dir(cfg)
     if (out / DONE_FILE).is_file():
-        logger.info("scores for the %s head on %s exist in %s; reusing them", head, split, out)
+        logger.info("scored candidates exist in %s; reusing them (%s)", out, count_scores(out))
         return out
     shutil.rmtree(out, ignore_errors=True)
-    path = Path(cfg.dataset_dir) / f"samples_{split}.parquet"
-    keep = selected_ids(path, cfg.limit)
-    ds = ray.data.read_parquet(str(path)).filter(lambda row: row["id"] in keep)
+    files = {f"samples_{split}.parquet": split for split in splits}
+    keep = {name: selected_ids(Path(cfg.dataset_dir) / name, cfg.limit) for name in files}
+    ds = ray.data.read_parquet([str(Path(cfg.dataset_dir) / name) for name in files], include_paths=True)
+    ds = ds.filter(lambda row: row["id"] in keep[Path(row["path"]).name])
     gpu = cluster_has_gpu() if cfg.device != "cpu" else False
     scored = ds.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         CandidateScorer,
-        fn_constructor_kwargs={"cfg": cfg, "head": head},
+        fn_constructor_kwargs={"cfg": cfg, "splits": files},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         **actor_pool_kwargs(cfg.ray, cfg.num_actors, use_gpu=gpu),
     )
     scored.write_parquet(str(out))
     (out / DONE_FILE).write_text("", encoding="utf-8")
-    logger.info("scored the %s head's candidates on %s -> %s", head, split, out)
+    logger.info("scored the candidates of %s with heads %s -> %s: %s", list(splits), list(DISTILL_HEADS), out,
+                count_scores(out))
     return out
 
 
@@ -166,10 +177,7 @@ def main(cfg: DistillRetrieverConfig) -> Path:
     retriever_dirs = initial_retriever_dirs(cfg)
     init_ray(cfg.ray)
     splits = ["train"] + (["val"] if (Path(cfg.dataset_dir) / "samples_val.parquet").is_file() else [])
-    for head in DISTILL_HEADS:
-        for split in splits:
-            score_split(cfg, head, split)
-    scores = str(scores_dir(cfg))
+    scores = str(score(cfg, splits))
     runs: dict[str, Any] = {}
     parts: list[tuple[str, Any, Any]] = [
         (head, functools.partial(make_head_task, head=head, scores_dir=scores, temperature=cfg.temperature),
@@ -190,14 +198,10 @@ def main(cfg: DistillRetrieverConfig) -> Path:
     with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:
         for domain, path in retriever_dirs.items():
             shutil.copytree(path, tmp / domain)
-        counts = {f"{h}/{s}": _rows(scores_path(scores, h, s)) for h in DISTILL_HEADS for s in splits}
-        metrics = {"config": to_dict(cfg), "scored_queries": counts, "runs": runs}
+        metrics = {"config": to_dict(cfg), "scored_queries": count_scores(scores), "runs": runs}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
     return Path(cfg.out_dir)
 
-
-def _rows(path: Path) -> int:
-    return int(sum(pq.ParquetFile(p).metadata.num_rows for p in path.glob("*.parquet")))
 
 
 if __name__ == "__main__":

@@ -1078,7 +1078,7 @@ class DistillRetrieverConfig:
     """Receives one dual-head retriever per domain (``<domain>/``: encoder, heads, fusion weights) and
     ``metrics.json``; pass them as ``retriever_dirs`` to ``MultimodalRetriever.from_artifacts``."""
     work_dir: str = "artifacts/data/distill"
-    """The scoring pass writes ``scores/<head>/<split>/`` here; every head's export goes to ``heads/<part>/``."""
+    """The scoring pass writes ``scores/`` here (every head and split); each run exports to ``heads/<part>/``."""
     k: int = 4
     """Candidates per question (JOMED retrieves r = 4 pairs)."""
     temperature: float = 0.1

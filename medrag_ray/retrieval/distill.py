@@ -1,6 +1,7 @@
 """JOMED's retriever distillation and MR-RAG's fusion weights, both taught by the frozen reader.
 
-1. **Candidate scoring** (:func:`score_candidates`, a Ray Data pass in ``jobs/distill_retriever.py``): for each
+1. **Candidate scoring** (:func:`score_candidates`, one Ray Data pass over every head and split in
+   ``jobs/distill_retriever.py``, written as :data:`SCORES_SCHEMA` rows): for each
    training question, the domain retriever returns its top-K candidates with one head (``text``: query image
    vs document text; ``image``: query image vs document image), and the frozen reader answers the question once
    per candidate with that (image, text) pair prepended (JOMED's input). A :class:`ScoredQuery` keeps the
@@ -466,20 +467,43 @@ class FusionTask(_RetrieverTask):
 # ---------------------------------------------------------------------------------- task factories
 
 
-def scores_path(scores_dir: str | Path, head: str, split: str) -> Path:
-    """Where the scoring pass writes the ``head`` candidates of a split."""
-    return Path(scores_dir) / head / split
+SCORES_SCHEMA = SCORED_SCHEMA.append(pa.field("split", pa.string()))
+"""The scoring pass's output: :data:`SCORED_SCHEMA` rows of every head and split, tagged with the split."""
 
 
-def _read_split(scores_dir: str | Path, head: str, split: str) -> list[ScoredQuery]:
-    path = scores_path(scores_dir, head, split)
-    return read_scored(path) if path.is_dir() and any(path.glob("*.parquet")) else []
+def scores_rows(queries: Sequence[ScoredQuery], split: str) -> list[dict[str, Any]]:
+    """Rows of :data:`SCORES_SCHEMA`: ``queries`` of ``split``."""
+    return [{**q.to_row(), "split": split} for q in queries]
+
+
+def _has_scores(scores_dir: str | Path) -> bool:
+    return Path(scores_dir).is_dir() and any(Path(scores_dir).glob("*.parquet"))
+
+
+def read_scores(scores_dir: str | Path, head: str, split: str) -> list[ScoredQuery]:
+    """The ``head`` candidates of ``split`` from the scoring pass's output directory (none when it is empty)."""
+    if not _has_scores(scores_dir):
+        return []
+    table = pq.read_table(scores_dir, schema=SCORES_SCHEMA, columns=SCORED_SCHEMA.names,
+                          filters=[("head", "==", head), ("split", "==", split)])
+    return [ScoredQuery.from_row(r) for r in table.to_pylist()]
+
+
+def count_scores(scores_dir: str | Path) -> dict[str, int]:
+    """``{"<head>/<split>": n}`` over the scoring pass's output directory."""
+    if not _has_scores(scores_dir):
+        return {}
+    table = pq.read_table(scores_dir, schema=SCORES_SCHEMA, columns=["head", "split"]).to_pydict()
+    counts: dict[str, int] = {}
+    for head, split in zip(table["head"], table["split"], strict=True):
+        counts[f"{head}/{split}"] = counts.get(f"{head}/{split}", 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def make_head_task(
     name: str, head: str, retriever_dirs: Mapping[str, str], scores_dir: str, temperature: float
 ) -> HeadDistillTask:
-    train, val = (_read_split(scores_dir, head, split) for split in ("train", "val"))
+    train, val = (read_scores(scores_dir, head, split) for split in ("train", "val"))
     return HeadDistillTask(name, head, retriever_dirs, train, val, temperature)
 
 
@@ -487,6 +511,6 @@ def make_fusion_task(
     name: str, retriever_dirs: Mapping[str, str], scores_dir: str, temperature: float, n_negatives: int
 ) -> FusionTask:
     """Fusion weights learn from both heads' scored candidate lists."""
-    train = [q for head in DISTILL_HEADS for q in _read_split(scores_dir, head, "train")]
-    val = [q for head in DISTILL_HEADS for q in _read_split(scores_dir, head, "val")]
+    train = [q for head in DISTILL_HEADS for q in read_scores(scores_dir, head, "train")]
+    val = [q for head in DISTILL_HEADS for q in read_scores(scores_dir, head, "val")]
     return FusionTask(name, retriever_dirs, train, val, temperature, n_negatives)

@@ -27,7 +27,7 @@ from medrag_ray.eval.classification import classification_report
 from medrag_ray.mining.store import MiningStore
 from medrag_ray.models.reader import load_reader
 from medrag_ray.models.router import load_router
-from medrag_ray.retrieval.distill import read_scored
+from medrag_ray.retrieval.distill import read_scores
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
 from medrag_ray.retrieval.retriever import MultimodalRetriever, load_retriever
 from medrag_ray.train.data import domain_examples
@@ -167,7 +167,7 @@ def test_distillation_trains_the_text_head_then_the_image_head_then_fusion(built
     assert metrics["scored_queries"] == {"text/train": 12, "text/val": 12, "image/train": 12, "image/val": 12}
     assert [len(metrics["runs"][p]["history"]) for p in ("text", "image", "fusion")] == [2, 2, 1]
     assert "val_kl" in metrics["runs"]["text"]["final"] and "val_fused_accuracy" in metrics["runs"]["image"]["final"]
-    trained = {q.domain for q in read_scored(work / "scores" / "text" / "train")}
+    trained = {q.domain for q in read_scores(work / "scores", "text", "train")}
     assert trained
     for domain in trained:  # the text run moves the text head only; the image run the image head only
         text_run = load_retriever(work / "heads" / "text" / domain)

@@ -5,18 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from medrag_ray.retrieval.distill import (
+    SCORES_SCHEMA,
     DomainRetrievers,
     FusionTask,
     HeadDistillTask,
     ScoredQuery,
     collate_scored,
     confidence_labels,
+    count_scores,
     read_scored,
+    read_scores,
     score_candidates,
+    scores_rows,
     write_scored,
 )
 from medrag_ray.retrieval.retriever import load_retriever
@@ -64,6 +70,22 @@ def test_scored_round_trip_and_padding(tmp_path: Path, retriever_and_samples) ->
     batch = collate_scored([scored[0], short])
     assert batch.mask.tolist() == [[True] * 3, [True, True, False]]
     assert batch.gold_logprobs[0].tolist() == pytest.approx(np.log([p[0] for p in scored[0].class_probs]).tolist())
+
+
+def test_scoring_pass_output_is_read_back_by_head_and_split(tmp_path: Path, retriever_and_samples) -> None:
+    mr, samples, images, *_ = retriever_and_samples
+    by = {(h, s): score_candidates(mr, ScriptedReader(), samples[i:i + 2], images[i:i + 2], h, k=3, route=False)
+          for i, (h, s) in enumerate([("text", "train"), ("image", "train"), ("text", "val")])}
+    out = tmp_path / "scores"
+    out.mkdir()
+    rows = [row for (_, split), queries in by.items() for row in scores_rows(queries, split)]
+    for j in range(2):  # one file per actor batch, heads and splits mixed
+        pq.write_table(pa.Table.from_pylist(rows[j::2], schema=SCORES_SCHEMA), out / f"{j}.parquet")
+    for (head, split), queries in by.items():
+        assert sorted(read_scores(out, head, split), key=lambda q: q.sample_id) == queries
+    assert read_scores(out, "image", "val") == [] and read_scores(tmp_path / "none", "text", "train") == []
+    assert count_scores(out) == {"image/train": 2, "text/train": 2, "text/val": 2}
+    assert count_scores(tmp_path / "none") == {}
 
 
 def test_confidence_labels_by_hand() -> None:
