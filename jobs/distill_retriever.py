@@ -203,7 +203,6 @@ def main(cfg: DistillRetrieverConfig) -> Path:
     return Path(cfg.out_dir)
 
 
-
 if __name__ == "__main__":
     setup_logging()
     main(parse_args(sys.argv[1:]))
