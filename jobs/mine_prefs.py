@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 
@@ -139,14 +140,19 @@ def absolute(cfg: MinePrefsConfig) -> MinePrefsConfig:
     )
 
 
-def main(cfg: MinePrefsConfig, actor_cls: type[MinerActor] = MinerActor) -> dict[str, Any]:
-    """Mine the samples of ``cfg`` not mined yet, then consolidate ``out_dir``; returns the summary."""
-    build_prerequisites(cfg)
-    cfg = absolute(cfg)
-    store = MiningStore(cfg.out_dir)
-    done = store.done_ids()
+def all_mined(samples_path: str, limit: int, done: set[str]) -> bool:
+    """Whether every sample a run would select (the first ``limit``, 0 = all) is in ``done``, from the id column
+    alone; ``False`` for a directory or a remote path (the Ray Data pass then filters the mined ones out)."""
+    path = Path(samples_path)
+    if not done or not path.is_file():
+        return False
+    ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    return set(ids[: limit or None]) <= done
+
+
+def mine(cfg: MinePrefsConfig, done: set[str], actor_cls: type[MinerActor]) -> tuple[int, int]:
+    """The Ray Data pass over the samples not in ``done``: (samples, pairs) mined."""
     init_ray(cfg.ray)
-    start = time.perf_counter()
     ds = ray.data.read_parquet(cfg.samples_path)
     if cfg.limit:
         ds = ds.limit(cfg.limit)
@@ -165,6 +171,22 @@ def main(cfg: MinePrefsConfig, actor_cls: type[MinerActor] = MinerActor) -> dict
     for batch in mined.iter_batches(batch_format="numpy", batch_size=None):
         n_samples += int(batch["batch_samples"].sum())
         n_pairs += int(batch["batch_pairs"].sum())
+    return n_samples, n_pairs
+
+
+def main(cfg: MinePrefsConfig, actor_cls: type[MinerActor] = MinerActor) -> dict[str, Any]:
+    """Mine the samples of ``cfg`` not mined yet, then consolidate ``out_dir``; returns the summary."""
+    build_prerequisites(cfg)
+    cfg = absolute(cfg)
+    store = MiningStore(cfg.out_dir)
+    done = store.done_ids()
+    start = time.perf_counter()
+    if all_mined(cfg.samples_path, cfg.limit, done):
+        logger.info("every selected sample of %s is mined already in %s; nothing to mine", cfg.samples_path,
+                    cfg.out_dir)
+        n_samples = n_pairs = 0
+    else:
+        n_samples, n_pairs = mine(cfg, done, actor_cls)
     seconds = time.perf_counter() - start
     logger.info(
         "mined %d sample(s) this run (%d pairs) in %.1fs (%.2f samples/s)",
