@@ -40,7 +40,7 @@ from medrag_ray.data.schema import PreferencePair, read_parquet
 from medrag_ray.losses.dpo import dpo_loss, sequence_logps
 from medrag_ray.mining.noise import noisy_image, sample_seed
 from medrag_ray.models.reader import load_reader
-from medrag_ray.reader.engine import collate, encode, pad_id, with_positions
+from medrag_ray.reader.engine import collate, encode, pad_id, to_model, with_positions
 from medrag_ray.reader.prompts import ReaderInput, single_image_input
 from medrag_ray.reader.sft import add_lora, export_lora_reader
 
@@ -187,14 +187,9 @@ class ReaderDPOTask:
     def collate(self, items: Sequence[tuple[dict[str, Tensor], dict[str, Tensor]]]) -> dict[str, Tensor]:
         return collate_pairs(items, self.pad)
 
-    def _move(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        param = next(p for p in model.parameters() if p.is_floating_point())
-        return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
-                for k, v in batch.items()}
-
     def dpo(self, model: nn.Module, batch: dict[str, Tensor]) -> Any:
         """The :class:`~medrag_ray.losses.dpo.DPOOutput` and the policy log-probabilities of one batch."""
-        batch = self._move(model, batch)
+        batch = to_model(model, batch)
         policy_chosen, policy_rejected = pair_logps(model, batch)
         with torch.no_grad(), model.disable_adapter():
             reference_chosen, reference_rejected = pair_logps(model, batch)

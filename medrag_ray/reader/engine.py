@@ -128,6 +128,13 @@ _OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
 """Models that derive their (multimodal rope) positions from the attention mask themselves."""
 
 
+def to_model(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` on the model's device, floating tensors (pixel values) in its floating dtype."""
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+            for k, v in batch.items()}
+
+
 def with_positions(model: PreTrainedModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Add ``position_ids`` that start at 0 on each row's first real token: a plain forward numbers positions
     from the first column, so without them a left-padded row would be scored at shifted positions and its
@@ -172,9 +179,7 @@ class ReaderEngine:
         return next(self.model.parameters()).device
 
     def _batch(self, inputs: Sequence[ReaderInput]) -> dict[str, Tensor]:
-        dtype = next(self.model.parameters()).dtype
-        batch = collate([encode(self.processor, inp) for inp in inputs], self.pad)
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in batch.items()}
+        return to_model(self.model, collate([encode(self.processor, inp) for inp in inputs], self.pad))
 
     def choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
         key = tuple(choices)

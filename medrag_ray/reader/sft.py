@@ -39,7 +39,7 @@ from medrag_ray.mining.noise import sample_seed
 from medrag_ray.models.reader import load_reader, save_reader
 from medrag_ray.reader.answers import YES_NO
 from medrag_ray.reader.context import SampleContext, reader_input
-from medrag_ray.reader.engine import ReaderEngine, collate, encode, pad_id, with_positions
+from medrag_ray.reader.engine import ReaderEngine, collate, encode, pad_id, to_model, with_positions
 from medrag_ray.reader.prompts import ReaderInput
 
 logger = logging.getLogger(__name__)
@@ -294,10 +294,7 @@ class ReaderSFTTask:
         return SFTDataset(self.train_examples, self.processor, self.style)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        device = next(p for p in model.parameters()).device
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        batch = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
-        return model(**with_positions(model, batch)).loss.float()
+        return model(**with_positions(model, to_model(model, batch))).loss.float()
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.val_examples:

@@ -26,7 +26,7 @@ from medrag_ray.reader.dpo import (
     side_images,
     split_pairs,
 )
-from medrag_ray.reader.engine import IGNORE_INDEX, with_positions
+from medrag_ray.reader.engine import IGNORE_INDEX, to_model, with_positions
 from medrag_ray.reader.prompts import closed_rag_prompt
 from medrag_ray.reader.sft import ADAPTER_DIR
 from tests.unit.models.conftest import CORPUS
@@ -130,7 +130,7 @@ def trained(reader_dir: Path):
     model = task.build_model()
     dataset = task.train_dataset()
     batch = task.collate([dataset[i] for i in range(len(dataset))])
-    moved = task._move(model, batch)
+    moved = to_model(model, batch)
     with torch.no_grad(), model.disable_adapter():
         reference_before = model(**with_positions(model, {k: v for k, v in moved.items() if k != "labels"})).logits
     before = task.evaluate(model)
@@ -149,7 +149,7 @@ def test_training_moves_chosen_up_and_keeps_the_reference_frozen(trained) -> Non
     assert after["val_loss"] < 0.5 * math.log(2), after
     assert after["val_reward_accuracy"] > 0.9 and after["val_reward_margin"] > 0
     assert after["val_policy_prefers_chosen"] > before["val_policy_prefers_chosen"]
-    moved = task._move(model, batch)
+    moved = to_model(model, batch)
     with torch.no_grad(), model.disable_adapter():
         reference_after = model(**with_positions(model, {k: v for k, v in moved.items() if k != "labels"})).logits
     assert torch.equal(reference_before, reference_after)
@@ -158,7 +158,7 @@ def test_training_moves_chosen_up_and_keeps_the_reference_frozen(trained) -> Non
 def test_export_merges_the_adapter(trained, tmp_path: Path) -> None:
     task, model, batch, _, _, _ = trained
     model.eval()
-    inputs = {k: v for k, v in task._move(model, batch).items() if k != "labels"}
+    inputs = {k: v for k, v in to_model(model, batch).items() if k != "labels"}
     with torch.no_grad():
         expected = model(**with_positions(model, inputs)).logits
     task.export(model, tmp_path / "out")
