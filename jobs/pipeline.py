@@ -11,7 +11,9 @@ stand-in for a pretrained CLIP tower) -> ``pretrain_reader`` (the tiny reader, v
 set's questions without retrieval: the stand-in for a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with
 LoRA, Ray Train) -> ``mine_prefs`` (preference pairs, Ray Data) -> ``train_dpo`` (RAG-PT: DPO on D_cm, then
 D_oa, Ray Train) -> ``distill_retriever`` (JOMED's heads and MR-RAG's fusion weights from the frozen reader: Ray
-Data scoring, Ray Train) -> ``evaluate`` (the RAG-PT ablation and FT RAG vs JOMED on the synthetic test split).
+Data scoring, Ray Train) -> ``evaluate`` (the RAG-PT ablation and FT RAG vs JOMED on the synthetic test split)
+-> ``find_ifa_layers`` (MR-RAG's attention blocking on the validation split: the RAG-PT reader's critical layers
+for IFA).
 Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
@@ -31,6 +33,7 @@ from jobs import (
     build_index,
     distill_retriever,
     evaluate,
+    find_ifa_layers,
     make_data,
     mine_prefs,
     prepare_models,
@@ -44,6 +47,7 @@ from medrag_ray.config import (
     BuildIndexConfig,
     DistillRetrieverConfig,
     EvaluateConfig,
+    FindIFALayersConfig,
     MakeDataConfig,
     MinePrefsConfig,
     PipelineConfig,
@@ -202,6 +206,16 @@ def steps(cfg: PipelineConfig) -> list[Step]:
                     rag_pt_reader_dirs=(str(root / "data" / "dpo" / "stage1" / "reader"), str(dpo_reader_dir)),
                     context=context, jomed_retriever_dir=str(jomed_dir), limit=cfg.eval_limit,
                     out_dir=str(eval_dir), name="synthetic-test",
+                )
+            ),
+        ),
+        Step(
+            "find_ifa_layers",
+            eval_dir / "critical_layers.json",
+            lambda: find_ifa_layers.main(
+                FindIFALayersConfig(
+                    samples_path=str(data_dir / "samples_val.parquet"), reader_dir=str(dpo_reader_dir),
+                    context=context, limit=cfg.ifa_layers_limit, out_dir=str(eval_dir), name="synthetic-val",
                 )
             ),
         ),

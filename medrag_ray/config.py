@@ -1171,11 +1171,60 @@ class EvaluateConfig:
             raise ConfigError(f"device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
 
 
+IFA_LAYER_CRITERIA: tuple[str, ...] = ("abs_delta_gold", "kl", "accuracy_drop")
+"""How ``jobs/find_ifa_layers.py`` ranks layers: mean |Δ p(gold)|, mean KL(unblocked ‖ blocked), accuracy lost."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FindIFALayersConfig:
+    """``jobs/find_ifa_layers.py``: MR-RAG's attention-blocking experiment on validation closed questions -- block
+    question -> document attention one decoder layer at a time and keep the layers where the answers change most
+    (the critical layers IFA biases)."""
+
+    samples_path: str = "artifacts/data/synthetic/samples_val.parquet"
+    """Validation samples (file or directory); only closed yes/no questions with retrieved documents are used."""
+    reader_dir: str = "artifacts/models/reader_dpo"
+    """The reader IFA will run on (the RAG-PT reader by default, or any reader / real local VLM directory)."""
+    context: ReaderContextConfig = ReaderContextConfig()
+    """Router, index, prompt style and the adaptive-k retrieval whose kept documents are blocked."""
+    route: bool = True
+    """Pick the domain with the router F(x_v) (the paper); false uses each sample's labelled domain."""
+    limit: int = 64
+    """Use the first ``limit`` usable questions, taken evenly over the file (0 = all)."""
+    top_n: int = 1
+    """How many critical layers to keep."""
+    criterion: str = "abs_delta_gold"
+    """Ranking of the layers: ``abs_delta_gold`` (mean |Δ p(gold)|), ``kl`` or ``accuracy_drop``."""
+    batch_size: int = 16
+    device: str = "auto"
+    out_dir: str = "artifacts/eval"
+    """Writes ``critical_layers.json`` and ``critical_layers.md`` here."""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("samples_path", "reader_dir", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a path, got an empty string")
+        for name in ("router_dir", "index_dir"):
+            if not getattr(self.context, name).strip():
+                raise ConfigError(f"context.{name} must be a directory path, got an empty string")
+        if self.limit < 0:
+            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        for name in ("top_n", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.criterion not in IFA_LAYER_CRITERIA:
+            raise ConfigError(f"criterion must be one of {list(IFA_LAYER_CRITERIA)}, got {self.criterion!r}")
+        if self.device not in EMBED_DEVICES:
+            raise ConfigError(f"device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
+
+
 # ------------------------------------------------------------------------------------- the pipeline
 
 PIPELINE_STEPS: tuple[str, ...] = (
     "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_vision",
     "pretrain_reader", "train_reader", "mine_prefs", "train_dpo", "distill_retriever", "evaluate",
+    "find_ifa_layers",
 )
 """The pipeline's steps in order."""
 
@@ -1221,6 +1270,8 @@ class PipelineConfig:
     """``fusion_train`` of ``jobs/distill_retriever.py`` (MR-RAG's fusion weights)."""
     eval_limit: int = 0
     """``limit`` of ``jobs/evaluate.py`` on the synthetic test split (0 = all)."""
+    ifa_layers_limit: int = FindIFALayersConfig().limit
+    """``limit`` of ``jobs/find_ifa_layers.py`` on the synthetic validation split (0 = all)."""
     ray_train: RayTrainConfig = RayTrainConfig(storage_path="ray_train")
     """Ray Train settings of the training steps (runs are named router / retriever-<domain> / reader-sft); a relative
     ``storage_path`` is taken under ``artifacts_dir``. ``rebuild=true`` also sets ``resume=false``."""
@@ -1246,3 +1297,194 @@ class PipelineConfig:
     def reader_pretrain_data(self) -> SyntheticDataConfig:
         """The reader's pretraining set: ``data`` with another seed (other phenotypes) and more cases."""
         return dataclasses.replace(self.data, seed=self.data.seed + 1, n_per_domain=self.reader_pretrain_cases)
+
+
+# ------------------------------------------------------------------------------------- serving
+
+SERVE_TASKS: tuple[str, ...] = ("closed", "open", "report")
+SERVE_FUSIONS: tuple[str, ...] = ("concat", "jomed")
+
+
+def config_from_mapping(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    """Build ``cls`` from a mapping (e.g. the ``args`` of a Serve config file), validated like a YAML file."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping of {cls.__name__} keys, got {values!r}")
+    try:
+        return _build(cls, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{f' (in {where})' if where else ''}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentSettings:
+    """Ray Serve options of one deployment (``serve/app.py`` applies them with ``Deployment.options``)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    """Autoscaling range; ``min_replicas == max_replicas`` is a fixed replica count."""
+    target_ongoing_requests: float = 2.0
+    """Autoscaler target of requests in flight per replica."""
+    max_ongoing_requests: int = 8
+    """Requests a replica runs at once (a batching deployment needs at least its ``max_batch_size``)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond which callers get a back-pressure error (HTTP 503); -1 = unbounded."""
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    max_batch_size: int = 8
+    """``serve.batch``: requests merged into one forward pass (router, retriever and reader)."""
+    batch_wait_timeout_s: float = 0.01
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < 1 or self.min_replicas > self.max_replicas:
+            raise ConfigError(
+                f"min_replicas={self.min_replicas}, max_replicas={self.max_replicas}: need 0 <= min_replicas <= "
+                "max_replicas and max_replicas >= 1"
+            )
+        if not self.target_ongoing_requests > 0:
+            raise ConfigError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.max_batch_size < 1 or self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError(
+                f"max_ongoing_requests={self.max_ongoing_requests} must be >= max_batch_size={self.max_batch_size} "
+                ">= 1, or a replica can never fill a batch"
+            )
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ConfigError(f"max_queued_requests must be >= 1 or -1 (unbounded), got {self.max_queued_requests}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError(f"num_cpus={self.num_cpus} and num_gpus={self.num_gpus} must be >= 0")
+        for name in ("batch_wait_timeout_s", "health_check_period_s", "health_check_timeout_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def autoscaling(self) -> dict[str, Any] | None:
+        """Serve's ``autoscaling_config``, or None for a fixed replica count."""
+        if self.min_replicas == self.max_replicas:
+            return None
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLimits:
+    """What a request may carry; anything beyond is answered with a 4xx naming the limit."""
+
+    max_body_bytes: int = 12 * 2**20
+    """Whole HTTP body (multipart or JSON with base64): 413 beyond."""
+    max_image_bytes: int = 8 * 2**20
+    """Encoded image: 413 beyond."""
+    max_image_pixels: int = 4096 * 4096
+    """Decoded width x height, checked from the header before any pixel is decoded (PNG bombs): 413 beyond."""
+    max_question_chars: int = 2000
+    max_k: int = 20
+    """Largest ``k`` a request may ask for."""
+    max_new_tokens: int = 128
+    """Longest open answer or report a request may ask for."""
+    max_choices: int = 8
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"limits.{f.name} must be >= 1, got {getattr(self, f.name)!r}")
+        if self.max_image_bytes > self.max_body_bytes:
+            raise ConfigError(
+                f"limits.max_image_bytes={self.max_image_bytes} exceeds limits.max_body_bytes={self.max_body_bytes}; "
+                "an image that large could never arrive"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """``serve/app.py`` and ``serve run serve/config.yaml``: router -> per-domain retrievers -> reader behind HTTP.
+
+    Model paths left empty are taken under ``artifacts_dir`` (what ``jobs/pipeline.py`` writes)."""
+
+    artifacts_dir: str = "artifacts"
+    router_dir: str = ""
+    """Default ``<artifacts_dir>/models/router``."""
+    index_dir: str = ""
+    """Default ``<artifacts_dir>/index``; one Retriever deployment serves each domain of its manifest."""
+    reader_dir: str = ""
+    """Default: ``<artifacts_dir>/models/reader_dpo`` (the RAG-PT reader), else ``models/reader`` (RAG-SFT)."""
+    jomed_retriever_dir: str = ""
+    """JOMED's distilled retrievers (``fusion=jomed``); default ``<artifacts_dir>/models/retriever_jomed`` when it
+    exists. Without it ``fusion=jomed`` uses the index's own retriever."""
+    ifa_layers: tuple[int, ...] = ()
+    """IFA's critical decoder layers; empty reads ``ifa_layers_path``."""
+    ifa_layers_path: str = ""
+    """Default ``<artifacts_dir>/eval/critical_layers.json`` (``jobs/find_ifa_layers.py``)."""
+    ifa_strength: float = 1.0
+    retrieval: RetrievalConfig = DEFAULT_READER_RETRIEVAL
+    """Retrieval of ``fusion=concat`` (a request's ``k`` / ``adaptive`` override ``k`` / ``adaptive``)."""
+    style: str = "mmed"
+    """Prompt style of ``fusion=concat`` (as the reader was trained: ``mmed`` or ``jomed``)."""
+    jomed_k: int = 4
+    """Candidates of ``fusion=jomed`` when the request gives no ``k``."""
+    jomed_temperature: float = 0.1
+    """tau of p_R = softmax(s / tau) in JOMED's logit fusion."""
+    consistency: bool = True
+    """Closed questions also score each kept document alone and flag disagreement (one batched pass)."""
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    """HTTP bind address (``0.0.0.0`` exposes the service to the network: put authentication in front)."""
+    port: int = 8000
+    request_timeout_s: float = 60.0
+    """An answer not ready by then is a 504."""
+    limits: ServeLimits = ServeLimits()
+    ingress: DeploymentSettings = DeploymentSettings(max_ongoing_requests=32, max_queued_requests=64, num_cpus=0.1)
+    router: DeploymentSettings = DeploymentSettings(num_cpus=0.25, max_batch_size=16, max_ongoing_requests=32)
+    retriever: DeploymentSettings = DeploymentSettings(num_cpus=0.25, max_batch_size=16, max_ongoing_requests=32)
+    """Applied to each domain's Retriever deployment."""
+    reader: DeploymentSettings = DeploymentSettings(num_cpus=0.5, max_batch_size=8, max_ongoing_requests=16)
+    ray: RayConfig = RayConfig(num_cpus=4)
+
+    def __post_init__(self) -> None:
+        if not self.artifacts_dir.strip():
+            raise ConfigError("artifacts_dir must be a directory path, got an empty string")
+        if self.style not in PROMPT_STYLES:
+            raise ConfigError(f"style must be one of {list(PROMPT_STYLES)}, got {self.style!r}")
+        if self.jomed_k < 1 or not self.jomed_temperature > 0:
+            raise ConfigError(f"jomed_k={self.jomed_k} must be >= 1 and jomed_temperature={self.jomed_temperature} > 0")
+        if any(layer < 0 for layer in self.ifa_layers) or len(set(self.ifa_layers)) != len(self.ifa_layers):
+            raise ConfigError(f"ifa_layers={list(self.ifa_layers)} must be distinct decoder layer indices >= 0")
+        if not self.ifa_strength >= 0:
+            raise ConfigError(f"ifa_strength must be >= 0, got {self.ifa_strength!r}")
+        if self.device not in EMBED_DEVICES:
+            raise ConfigError(f"device must be one of {list(EMBED_DEVICES)}, got {self.device!r}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+        if self.retrieval.k > self.limits.max_k:
+            raise ConfigError(f"retrieval.k={self.retrieval.k} exceeds limits.max_k={self.limits.max_k}")
+
+    def path(self, value: str, default: str) -> Path:
+        """``value`` or, when empty, ``default`` under ``artifacts_dir``."""
+        return Path(value) if value else Path(self.artifacts_dir) / default
+
+    @property
+    def resolved_router_dir(self) -> Path:
+        return self.path(self.router_dir, "models/router")
+
+    @property
+    def resolved_index_dir(self) -> Path:
+        return self.path(self.index_dir, "index")
+
+    @property
+    def resolved_reader_dir(self) -> Path:
+        if self.reader_dir:
+            return Path(self.reader_dir)
+        dpo = Path(self.artifacts_dir) / "models" / "reader_dpo"
+        return dpo if dpo.is_dir() else Path(self.artifacts_dir) / "models" / "reader"
+
+    @property
+    def resolved_jomed_dir(self) -> Path | None:
+        path = self.path(self.jomed_retriever_dir, "models/retriever_jomed")
+        if self.jomed_retriever_dir and not path.is_dir():
+            raise ConfigError(f"jomed_retriever_dir={path} does not exist; run jobs/distill_retriever.py or unset it")
+        return path if path.is_dir() else None
+
+    @property
+    def resolved_ifa_layers_path(self) -> Path:
+        return self.path(self.ifa_layers_path, "eval/critical_layers.json")

@@ -10,13 +10,20 @@ pooled with it by log-sum-exp when it is also one token), softmaxed over the cho
 The answer prefix (what the chat template puts between the generation prompt and the answer: one space for
 LLaVA-1.5, nothing for Qwen2-VL) is read from the template itself (:func:`answer_separator`), so the choice
 tokens are the ones the model would actually emit.
+
+With ``ifa=IFASettings(...)`` (and one :class:`~medrag_ray.reader.ifa.IFASpec` or None per input),
+:meth:`ReaderEngine.score_closed` and :meth:`ReaderEngine.generate` run each batch inside MR-RAG's IFA context
+(:mod:`medrag_ray.reader.ifa`): the question -> document attention logits of the chosen layers are biased by
+the documents' min-max normalised scores (or blocked); without ``ifa`` nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +32,9 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from medrag_ray.models.tokenizer import AnswerTokenError, answer_token_ids
 from medrag_ray.reader.prompts import ReaderInput
+
+if TYPE_CHECKING:
+    from medrag_ray.reader.ifa import IFASettings, IFASpec
 
 logger = logging.getLogger(__name__)
 
@@ -187,26 +197,78 @@ class ReaderEngine:
             self._choice_ids[key] = choice_token_ids(self.processor, key)
         return self._choice_ids[key]
 
+    def _ifa_scope(
+        self,
+        inputs: Sequence[ReaderInput],
+        batch: Mapping[str, Tensor],
+        ifa: IFASettings | None,
+        specs: Sequence[IFASpec | None] | None,
+    ) -> contextlib.AbstractContextManager[object]:
+        """The IFA context of one left-padded batch (a no-op without ``ifa``)."""
+        if ifa is None:
+            return contextlib.nullcontext()
+        from medrag_ray.reader.ifa import batch_ifa_matrix, enable_ifa, ifa_context
+
+        enable_ifa(self.model)
+        mask = batch["attention_mask"]
+        ids = [row[mask_row.bool()].tolist() for row, mask_row in zip(batch["input_ids"], mask, strict=True)]
+        matrix = batch_ifa_matrix(self.processor, inputs, specs or [], ifa, int(mask.shape[1]), input_ids=ids)
+        return ifa_context(ifa, matrix)
+
+    @staticmethod
+    def _check_ifa(inputs: Sequence[ReaderInput], ifa: object, specs: Sequence[object] | None) -> None:
+        if ifa is None and specs is not None:
+            raise ValueError("ifa_specs given without ifa; pass ifa=IFASettings(layers=...) to apply them")
+        if ifa is not None and (specs is None or len(specs) != len(inputs)):
+            raise ValueError(
+                f"ifa needs ifa_specs with one IFASpec (or None) per input: {len(inputs)} inputs, "
+                f"{'no' if specs is None else len(specs)} specs"
+            )
+
     @torch.inference_mode()
-    def score_closed(self, inputs: Sequence[ReaderInput], choices: Sequence[str] = ("yes", "no")) -> ClosedScores:
-        """p(choice | input) from the next-token logits after each prompt: one forward pass per batch."""
+    def score_closed(
+        self,
+        inputs: Sequence[ReaderInput],
+        choices: Sequence[str] = ("yes", "no"),
+        ifa: IFASettings | None = None,
+        ifa_specs: Sequence[IFASpec | None] | None = None,
+    ) -> ClosedScores:
+        """p(choice | input) from the next-token logits after each prompt: one forward pass per batch (with
+        ``ifa``: MR-RAG's IFA in its layers, from each input's ``ifa_specs`` entry; None = no bias there)."""
+        self._check_ifa(inputs, ifa, ifa_specs)
         ids = self.choice_ids(choices)
         rows: list[np.ndarray] = []
         for start in range(0, len(inputs), self.batch_size):
-            batch = self._batch(inputs[start : start + self.batch_size])
-            logits = self.model(**with_positions(self.model, batch)).logits[:, -1].float()
+            chunk = inputs[start : start + self.batch_size]
+            batch = self._batch(chunk)
+            specs = ifa_specs[start : start + self.batch_size] if ifa_specs is not None else None
+            with self._ifa_scope(chunk, batch, ifa, specs):
+                logits = self.model(**with_positions(self.model, batch)).logits[:, -1].float()
             per_choice = torch.stack([torch.logsumexp(logits[:, v], dim=-1) for v in ids], dim=-1)
             rows.append(torch.softmax(per_choice, dim=-1).cpu().numpy())
         probs = np.concatenate(rows) if rows else np.zeros((0, len(ids)), dtype=np.float32)
         return ClosedScores(tuple(choices), probs)
 
     @torch.inference_mode()
-    def generate(self, inputs: Sequence[ReaderInput], max_new_tokens: int = 64) -> list[str]:
-        """Greedy answers (decoded new tokens, special tokens dropped, stripped) for open questions and reports."""
+    def generate(
+        self,
+        inputs: Sequence[ReaderInput],
+        max_new_tokens: int = 64,
+        ifa: IFASettings | None = None,
+        ifa_specs: Sequence[IFASpec | None] | None = None,
+    ) -> list[str]:
+        """Greedy answers (decoded new tokens, special tokens dropped, stripped) for open questions and reports
+        (with ``ifa``: the prompt's prefill runs with MR-RAG's IFA; the decode steps attend as usual)."""
+        self._check_ifa(inputs, ifa, ifa_specs)
         out: list[str] = []
         for start in range(0, len(inputs), self.batch_size):
-            batch = self._batch(inputs[start : start + self.batch_size])
-            tokens = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad)
+            chunk = inputs[start : start + self.batch_size]
+            batch = self._batch(chunk)
+            specs = ifa_specs[start : start + self.batch_size] if ifa_specs is not None else None
+            with self._ifa_scope(chunk, batch, ifa, specs):
+                tokens = self.model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad
+                )
             new = tokens[:, batch["input_ids"].shape[1] :]
             out.extend(t.strip() for t in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
         return out

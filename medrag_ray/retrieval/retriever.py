@@ -112,6 +112,7 @@ __all__ = [
     "head_scores",
     "load_retriever",
     "read_docs",
+    "route_images",
     "save_retriever",
 ]
 
@@ -581,6 +582,17 @@ class DomainResources:
         self._store_dir = Path(store_dir) if store_dir is not None else None
         self._lock = threading.Lock()
 
+    def with_retriever(self, retriever: DualHeadRetriever) -> DomainResources:
+        """The same indexes and documents queried by another retriever of the same encoder (e.g. JOMED's
+        distilled heads): nothing is loaded twice."""
+        if retriever.model_id != self.retriever.model_id:
+            raise IndexFileError(
+                f"{self.domain}: the index was built with {self.retriever.model_id!r}, not {retriever.model_id!r}; "
+                "heads must sit on the encoder that built the index"
+            )
+        return DomainResources(self.domain, retriever, self.text_index, self.docs, image_index=self.image_index,
+                               embeddings=self._embeddings, store_dir=self._store_dir)
+
     def doc_embeddings(self) -> DocEmbeddings:
         """The stored document embeddings (read once, on first use)."""
         with self._lock:
@@ -628,6 +640,31 @@ def _adaptive_k(scores: np.ndarray, cfg: RetrievalConfig, temperature: float) ->
     if cfg.adaptive == "gap":
         return adaptive_k_gap(s, cfg.gamma, cfg.k_min, cfg.k_max, scale=cfg.scale)
     return adaptive_k_ratio(s, cfg.tau, cfg.effective_k_max, cfg.k_min, scale=cfg.scale)
+
+
+@torch.inference_mode()
+def route_images(
+    router: DomainRouter, images: Sequence[Image.Image], allowed: Collection[str], batch_size: int = 64
+) -> list[tuple[str, float]]:
+    """F(x_v) per image restricted to ``allowed`` domains: ``(domain, its softmax probability)``.
+
+    The softmax is over all the router's domains; the argmax is taken over the allowed (indexed) ones.
+    """
+    mask = torch.tensor([d in allowed for d in router.domains], device=router.device)
+    if not bool(mask.any()):
+        raise ValueError(f"the router's domains {list(router.domains)} include none of {sorted(allowed)}")
+    out: list[tuple[str, float]] = []
+    rerouted = 0
+    for start in range(0, len(images), batch_size):
+        logits = router(router.preprocess(list(images[start : start + batch_size]))).float()
+        probs = torch.softmax(logits, dim=-1)
+        best = probs.masked_fill(~mask, -1.0).argmax(dim=-1)
+        rerouted += int((best != probs.argmax(dim=-1)).sum())
+        conf = probs.gather(1, best[:, None]).squeeze(1)
+        out.extend((router.domains[i], float(c)) for i, c in zip(best.tolist(), conf.tolist(), strict=True))
+    if rerouted:
+        logger.info("%d of %d images were routed to their best INDEXED domain", rerouted, len(images))
+    return out
 
 
 class MultimodalRetriever:
@@ -749,7 +786,6 @@ class MultimodalRetriever:
         return cls(resources, router=router, cfg=cfg)
 
     # ------------------------------------------------------------------------------------ routing
-    @torch.inference_mode()
     def route(self, images: Sequence[Image.Image], batch_size: int | None = None) -> list[tuple[str, float]]:
         """(domain, confidence) per image: the router's most probable domain among the indexed ones."""
         if self.router is None:
@@ -757,21 +793,7 @@ class MultimodalRetriever:
                 "no domain router is loaded: pass domains=[...] to retrieve(), or build with "
                 "from_artifacts(router_dir=...)"
             )
-        router = self.router
-        bs = batch_size or self.cfg.batch_size
-        allowed = torch.tensor([d in self._resources for d in router.domains], device=router.device)
-        out: list[tuple[str, float]] = []
-        rerouted = 0
-        for start in range(0, len(images), bs):
-            logits = router(router.preprocess(list(images[start : start + bs]))).float()
-            probs = torch.softmax(logits, dim=-1)
-            best = probs.masked_fill(~allowed, -1.0).argmax(dim=-1)
-            rerouted += int((best != probs.argmax(dim=-1)).sum())
-            conf = probs.gather(1, best[:, None]).squeeze(1)
-            out.extend((router.domains[i], float(c)) for i, c in zip(best.tolist(), conf.tolist(), strict=True))
-        if rerouted:
-            logger.info("%d of %d images were routed to their best INDEXED domain", rerouted, len(images))
-        return out
+        return route_images(self.router, images, self.domains, batch_size or self.cfg.batch_size)
 
     # ---------------------------------------------------------------------------------- retrieval
     @torch.inference_mode()
