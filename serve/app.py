@@ -1,7 +1,7 @@
 """Build and run the Serve application: Router -> Retriever per domain -> Reader, behind the HTTP Ingress.
 
     python serve/app.py [--config serve/config.yaml] [artifacts_dir=artifacts] [port=8000] [reader.max_replicas=4]
-    serve run serve/config.yaml                 # Ray's CLI, the same application (import_path serve.app:app_builder)
+    serve run serve/config.yaml                 # Ray's CLI, the same application (import_path serve.app:build_app)
     serve deploy serve/config.yaml              # onto a running cluster (KubeRay: cluster/kuberay/rayservice.yaml)
 
 ``serve/config.yaml`` is a Serve config file; its application's ``args`` are a :class:`ServeConfig` (this
@@ -62,8 +62,8 @@ def check_artifacts(cfg: ServeConfig) -> list[str]:
     return sorted(read_manifest(cfg.resolved_index_dir).domains)
 
 
-def build_app(cfg: ServeConfig) -> Any:
-    """The composed application (deployment handles): ``serve.run(build_app(cfg))``."""
+def compose(cfg: ServeConfig) -> Any:
+    """The composed application (deployment handles): ``serve.run(compose(cfg))``."""
     from serve.deployments import Ingress, Reader, Retriever, Router
 
     domains = check_artifacts(cfg)
@@ -76,9 +76,9 @@ def build_app(cfg: ServeConfig) -> Any:
     return Ingress.options(**deployment_options(cfg.ingress)).bind(cfg, domains, router, retrievers, reader)
 
 
-def app_builder(args: dict[str, Any]) -> Any:
-    """Serve's application builder (``import_path: serve.app:app_builder``); ``args`` are ServeConfig keys."""
-    return build_app(config_from_mapping(ServeConfig, args or {}, where="the Serve application args"))
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve's application builder (``import_path: serve.app:build_app``); ``args`` are ServeConfig keys."""
+    return compose(config_from_mapping(ServeConfig, args or {}, where="the Serve application args"))
 
 
 def config_from_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> ServeConfig:
@@ -124,7 +124,7 @@ def start(cfg: ServeConfig, blocking: bool = False) -> Any:
 
     from jobs.runtime import init_ray
 
-    app = build_app(cfg)  # checks the artifacts before Ray starts
+    app = compose(cfg)  # checks the artifacts before Ray starts
     init_ray(cfg.ray)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -22,11 +22,11 @@ def test_the_shipped_serve_config_file_loads_with_its_http_options(repo_root: Pa
         app.parse_args(["limits.max_k=3"])
 
 
-def test_app_builder_args_are_validated_naming_the_key() -> None:
+def test_build_app_args_are_validated_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="unknown config key prot"):
-        app.app_builder({"prot": 1})
+        app.build_app({"prot": 1})
     with pytest.raises(ConfigError, match="max_ongoing_requests=4 must be >= max_batch_size=8"):
-        app.app_builder({"reader": {"max_ongoing_requests": 4}})
+        app.build_app({"reader": {"max_ongoing_requests": 4}})
 
 
 def test_deployment_options_fixed_and_autoscaling() -> None:
@@ -46,3 +46,14 @@ def test_missing_artifacts_are_named_before_ray_starts(tmp_path: Path) -> None:
     assert ServeConfig(artifacts_dir=str(tmp_path)).resolved_reader_dir == tmp_path / "models" / "reader_dpo"
     with pytest.raises(ConfigError, match="jomed_retriever_dir"):
         _ = ServeConfig(artifacts_dir=str(tmp_path), jomed_retriever_dir=str(tmp_path / "none")).resolved_jomed_dir
+
+
+def test_the_rayservice_manifest_args_are_a_serve_config(repo_root: Path) -> None:
+    import yaml
+
+    from medrag_ray.config import config_from_mapping
+
+    svc = yaml.safe_load((repo_root / "cluster" / "kuberay" / "rayservice.yaml").read_text())["spec"]
+    [application] = yaml.safe_load(svc["serveConfigV2"])["applications"]
+    cfg = config_from_mapping(ServeConfig, application["args"])
+    assert (cfg.host, cfg.reader.num_gpus, cfg.reader.max_replicas) == ("0.0.0.0", 1.0, 4)
