@@ -52,6 +52,14 @@ def _decode(cfg: ServeConfig, data: bytes) -> Any:
     return decode_image(data, max_bytes=cfg.limits.max_image_bytes, max_pixels=cfg.limits.max_image_pixels)
 
 
+def _check_device(device: Any) -> None:
+    """Serve's periodic health check: a replica whose CUDA context has failed raises here and is replaced."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _configure_batch(method: Any, settings: DeploymentSettings) -> None:
     method.set_max_batch_size(settings.max_batch_size)
     method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -92,6 +100,9 @@ class Router:
     def info(self) -> dict[str, Any]:
         return {"router_dir": str(self.cfg.resolved_router_dir), "domains": list(self.domains)}
 
+    def check_health(self) -> None:
+        _check_device(self.router.device)
+
 
 @serve.deployment
 class Retriever:
@@ -128,6 +139,12 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         return {"domain": self.domain, "jomed": self.evidence.jomed is not None}
 
+    def check_health(self) -> None:
+        res = self.evidence.retriever.resources(self.domain)
+        if len(res.text_index) == 0:
+            raise RuntimeError(f"the {self.domain} index holds no documents")
+        _check_device(res.retriever.device)
+
 
 @serve.deployment
 class Reader:
@@ -162,6 +179,9 @@ class Reader:
     def info(self) -> dict[str, Any]:
         layers = list(self.ifa.layers) if self.ifa is not None else []
         return {"reader_dir": str(self.cfg.resolved_reader_dir), "ifa_layers": layers}
+
+    def check_health(self) -> None:
+        _check_device(self.engine.device)
 
 
 def _error(exc: InputError) -> JSONResponse:
