@@ -124,8 +124,11 @@ def retrieval_config(base: RetrievalConfig, query: AnswerQuery, jomed_k: int) ->
 def _doc_image(hit: Any) -> bytes | None:
     if hit.image_bytes is not None:
         return hit.image_bytes
-    if hit.image_path:  # a document of the server's own corpus, never a path from a request
-        return Path(hit.image_path).read_bytes()
+    path = Path(hit.image_path) if hit.image_path else None  # the server's own corpus, never a request's path
+    if path is not None and path.is_file():
+        return path.read_bytes()
+    if path is not None:
+        logger.warning("document %s: image %s is missing", hit.doc_id, path)
     return None
 
 
@@ -255,7 +258,8 @@ def _input(query: AnswerQuery, image: Image.Image, texts: Sequence[str], doc_ima
     if style == "mmed" or not texts:
         return single_image_input(image, _prompt(query, texts, domain))
     if any(b is None for b in doc_images):
-        raise ValueError("style=jomed needs every kept document's image; index a corpus with images")
+        raise InputError(422, "fusion", "JOMED inputs prepend each retrieved document's image, and this index has "
+                                        "documents without one; use fusion=concat (with the server's style=mmed)")
     pairs = [(load_image(b, name="retrieved document"), t) for b, t in zip(doc_images, texts, strict=True)]
     base = closed_prompt(query.question, query.choices) if query.task == "closed" else _prompt(query, (), domain)
     return jomed_input(image, base, pairs)
@@ -289,7 +293,7 @@ def plan_read(query: AnswerQuery, image: Image.Image, retrieved: Retrieved, styl
     singles: list[ReaderInput] = []
     single_specs: list[Any] = []
     if consistency and query.task == "closed" and kept:
-        for i, j in zip(kept, range(len(kept)), strict=True):
+        for j, i in enumerate(kept):
             singles.append(_input(query, image, [texts[j]], [doc_images[j]], retrieved.domain, style))
             single_specs.append(_spec(query, [texts[j]], [ev[i].score]) if query.ifa else None)
     specs = (spec, *single_specs) if query.ifa else None

@@ -194,3 +194,18 @@ def test_ifa_answers_are_the_engines_ifa_scores(root: Path, closed: list[Sample]
     assert out["probabilities"]["yes"] == pytest.approx(float(expected[0]), abs=1e-5)
     with pytest.raises(ValueError, match="exceed the reader's 2 decoder layers"):
         LocalAnswerer(ServeConfig(artifacts_dir=str(root), ifa_layers=(5,)))
+
+
+def test_jomed_over_documents_without_images_is_a_422_not_a_crash() -> None:
+    from medrag_ray.serving.answer import Evidence, Retrieved, plan_read
+    from medrag_ray.serving.query import AnswerQuery
+
+    evidence = (Evidence("d1", "No effusion.", 0.9, 0, True, 0.6), Evidence("d2", "Effusion.", 0.8, 1, True, 0.4))
+    retrieved = Retrieved("radiology", 0.9, evidence, images=(None, None))
+    with pytest.raises(InputError) as info:
+        plan_read(AnswerQuery(question="Is there an effusion?", fusion="jomed"), Image.new("RGB", (8, 8)),
+                  retrieved, style="mmed")
+    assert (info.value.status, info.value.field) == (422, "fusion")
+    plan = plan_read(AnswerQuery(question="Is there an effusion?"), Image.new("RGB", (8, 8)), retrieved, "mmed")
+    assert len(plan.inputs) == 3 and plan.n_candidates == 2  # concat + each kept report alone
+    assert "1. No effusion. 2. Effusion." in plan.inputs[0].parts[1]
