@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medrag_ray.config import EvaluateConfig, parse_job_args, to_dict
-from medrag_ray.data.schema import RecordError, Sample, read_parquet
+from medrag_ray.data.schema import Sample, read_parquet
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.eval.rag_pt_eval import (
     ablation_markdown,
@@ -32,7 +32,7 @@ from medrag_ray.eval.rag_pt_eval import (
 )
 from medrag_ray.mining.miner import MiningSettings
 from medrag_ray.reader.answers import YES_NO, normalize_closed
-from medrag_ray.reader.context import sample_image
+from medrag_ray.reader.context import decodable_samples
 from medrag_ray.utils import setup_logging
 
 logger = logging.getLogger("jobs.evaluate")
@@ -49,18 +49,10 @@ def closed_samples(cfg: EvaluateConfig) -> tuple[list[Sample], list[Any], dict[s
     rows = read_parquet(cfg.samples_path, Sample)
     if cfg.limit:
         rows = rows[: cfg.limit]
-    kept, images, skipped = [], [], {"not_closed_yes_no": 0, "undecodable_image": 0}
-    for s in rows:
-        if s.answer_type != "closed" or normalize_closed(s.answer, YES_NO) is None:
-            skipped["not_closed_yes_no"] += 1
-            continue
-        try:
-            images.append(sample_image(s))
-        except RecordError as exc:
-            logger.warning("skipping sample %s: %s", s.id, exc)
-            skipped["undecodable_image"] += 1
-            continue
-        kept.append(s)
+    closed = [s for s in rows if s.answer_type == "closed" and normalize_closed(s.answer, YES_NO) is not None]
+    undecodable: list[str] = []
+    kept, images = decodable_samples(closed, undecodable)
+    skipped = {"not_closed_yes_no": len(rows) - len(closed), "undecodable_image": len(undecodable)}
     if not kept:
         raise ValueError(f"{cfg.samples_path} has no closed yes/no question with a readable image (skipped {skipped})")
     return kept, images, skipped

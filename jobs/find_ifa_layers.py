@@ -23,10 +23,10 @@ from typing import Any
 from PIL import Image
 
 from medrag_ray.config import FindIFALayersConfig, parse_job_args, to_dict
-from medrag_ray.data.schema import RecordError, Sample, read_parquet
+from medrag_ray.data.schema import Sample, read_parquet
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.reader.answers import YES_NO, normalize_closed
-from medrag_ray.reader.context import SampleContext, missing_reader_inputs, sample_image
+from medrag_ray.reader.context import SampleContext, decodable_samples, missing_reader_inputs
 from medrag_ray.utils import setup_logging
 
 logger = logging.getLogger("jobs.find_ifa_layers")
@@ -61,16 +61,9 @@ def closed_questions(cfg: FindIFALayersConfig) -> tuple[list[Sample], list[Image
     """The closed yes/no samples with a readable image (``limit`` of them, evenly spaced), and what was skipped."""
     rows = read_parquet(cfg.samples_path, Sample)
     closed = [s for s in rows if s.answer_type == "closed" and normalize_closed(s.answer, YES_NO) is not None]
-    skipped = {"not_closed_yes_no": len(rows) - len(closed), "undecodable_image": 0}
-    kept, images = [], []
-    for s in evenly(closed, cfg.limit):
-        try:
-            images.append(sample_image(s))
-        except RecordError as exc:
-            logger.warning("skipping sample %s: %s", s.id, exc)
-            skipped["undecodable_image"] += 1
-            continue
-        kept.append(s)
+    undecodable: list[str] = []
+    kept, images = decodable_samples(evenly(closed, cfg.limit), undecodable)
+    skipped = {"not_closed_yes_no": len(rows) - len(closed), "undecodable_image": len(undecodable)}
     if not kept:
         raise ValueError(f"{cfg.samples_path} has no closed yes/no question with a readable image (skipped {skipped})")
     return kept, images, skipped

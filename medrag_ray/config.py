@@ -252,6 +252,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Set each dotted ``key=value`` override in the nested mapping ``tree`` (sections created as needed)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from an optional YAML file plus dotted ``key=value`` overrides, validated."""
     tree: dict[str, Any] = {}
@@ -266,9 +273,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+    apply_overrides(tree, overrides)
     where = f" (from {path})" if path else ""
     try:
         return _build(cls, tree)
@@ -906,6 +911,18 @@ class PretrainVisionConfig:
             )
 
 
+def _check_reader_job(cfg: Any) -> None:
+    """The checks every reader job's config shares: its paths are not empty and ``limit >= 0``."""
+    for name in ("samples_path", "reader_dir", "out_dir"):
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"{name} must be a path, got an empty string")
+    for name in ("router_dir", "index_dir"):
+        if not getattr(cfg.context, name).strip():
+            raise ConfigError(f"context.{name} must be a directory path, got an empty string")
+    if cfg.limit < 0:
+        raise ConfigError(f"limit must be >= 0 (0 = all), got {cfg.limit!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalReaderConfig:
     """``jobs/eval_reader.py``: closed-question (yes/no) accuracy of a reader with and without retrieval."""
@@ -930,14 +947,7 @@ class EvalReaderConfig:
     """Optional tag written in the report (e.g. ``synthetic-test``, ``vqa_rad-test``)."""
 
     def __post_init__(self) -> None:
-        for name in ("samples_path", "reader_dir", "out_dir"):
-            if not getattr(self, name).strip():
-                raise ConfigError(f"{name} must be a path, got an empty string")
-        for name in ("router_dir", "index_dir"):
-            if not getattr(self.context, name).strip():
-                raise ConfigError(f"context.{name} must be a directory path, got an empty string")
-        if self.limit < 0:
-            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        _check_reader_job(self)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.device not in EMBED_DEVICES:
@@ -1202,14 +1212,7 @@ class FindIFALayersConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("samples_path", "reader_dir", "out_dir"):
-            if not getattr(self, name).strip():
-                raise ConfigError(f"{name} must be a path, got an empty string")
-        for name in ("router_dir", "index_dir"):
-            if not getattr(self.context, name).strip():
-                raise ConfigError(f"context.{name} must be a directory path, got an empty string")
-        if self.limit < 0:
-            raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit!r}")
+        _check_reader_job(self)
         for name in ("top_n", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

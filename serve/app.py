@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from medrag_ray.config import ConfigError, DeploymentSettings, ServeConfig, config_from_mapping, parse_override
+from medrag_ray.config import ConfigError, DeploymentSettings, ServeConfig, apply_overrides, config_from_mapping
 from medrag_ray.utils import setup_logging
 
 logger = logging.getLogger("serve.app")
@@ -98,15 +98,7 @@ def config_from_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> S
     for key in ("host", "port"):
         if key in http:
             args.setdefault(key, http[key])
-    for text in overrides:
-        key, value = parse_override(text)
-        node = args
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-        node[parts[-1]] = value
+    apply_overrides(args, overrides)
     return config_from_mapping(ServeConfig, args, where=str(path))
 
 

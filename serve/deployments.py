@@ -17,6 +17,7 @@ deployment boundary intact and one bad request never fails the rest of its batch
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,6 +53,24 @@ def _decode(cfg: ServeConfig, data: bytes) -> Any:
     return decode_image(data, max_bytes=cfg.limits.max_image_bytes, max_pixels=cfg.limits.max_image_pixels)
 
 
+def _on_decodable(cfg: ServeConfig, images: list[bytes],
+                  run: Callable[[list[int], list[Any]], list[Any]]) -> list[Any]:
+    """``run(positions, decoded images)`` on the images of a batch that decode; the others' slots hold their
+    InputError, so one bad image never fails the rest of the batch."""
+    out: list[Any] = [None] * len(images)
+    ok, decoded = [], []
+    for i, data in enumerate(images):
+        try:
+            decoded.append(_decode(cfg, data))
+            ok.append(i)
+        except InputError as exc:
+            out[i] = exc
+    if ok:
+        for i, result in zip(ok, run(ok, decoded), strict=True):
+            out[i] = result
+    return out
+
+
 def _check_device(device: Any) -> None:
     """Serve's periodic health check: a replica whose CUDA context has failed raises here and is replaced."""
     import torch
@@ -84,18 +103,8 @@ class Router:
     async def _route(self, images: list[bytes]) -> list[tuple[str, float] | InputError]:
         from medrag_ray.retrieval.retriever import route_images
 
-        out: list[tuple[str, float] | InputError | None] = [None] * len(images)
-        decoded, where = [], []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(_decode(self.cfg, data))
-                where.append(i)
-            except InputError as exc:
-                out[i] = exc
-        if decoded:
-            for i, routed in zip(where, route_images(self.router, decoded, self.domains, len(decoded)), strict=True):
-                out[i] = routed
-        return out  # type: ignore[return-value]
+        return _on_decodable(self.cfg, images, lambda _, decoded: route_images(
+            self.router, decoded, self.domains, len(decoded)))
 
     def info(self) -> dict[str, Any]:
         return {"router_dir": str(self.cfg.resolved_router_dir), "domains": list(self.domains)}
@@ -121,20 +130,8 @@ class Retriever:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _retrieve(self, items: list[tuple[bytes, AnswerQuery, float | None]]) -> list[Any]:
-        out: list[Any] = [None] * len(items)
-        ok, images = [], []
-        for i, (data, _, _) in enumerate(items):
-            try:
-                images.append(_decode(self.cfg, data))
-                ok.append(i)
-            except InputError as exc:
-                out[i] = exc
-        if ok:
-            results = self.evidence.retrieve(images, [items[i][1] for i in ok],
-                                             [(self.domain, items[i][2]) for i in ok])
-            for i, result in zip(ok, results, strict=True):
-                out[i] = result
-        return out
+        return _on_decodable(self.cfg, [data for data, _, _ in items], lambda ok, decoded: self.evidence.retrieve(
+            decoded, [items[i][1] for i in ok], [(self.domain, items[i][2]) for i in ok]))
 
     def info(self) -> dict[str, Any]:
         return {"domain": self.domain, "jomed": self.evidence.jomed is not None}

@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from medrag_ray.config import ReaderContextConfig
-from medrag_ray.data.schema import RecordError, Sample
+from medrag_ray.data.schema import Sample
 from medrag_ray.reader.answers import YES_NO, normalize_closed
-from medrag_ray.reader.context import reader_input, retrieve_contexts, sample_image
+from medrag_ray.reader.context import decodable_samples, reader_input, retrieve_contexts
 from medrag_ray.reader.engine import ClosedScores
 from medrag_ray.reader.prompts import ReaderInput
 
@@ -152,20 +151,6 @@ def reader_report(
     return ReaderEvalReport(per_domain=per_domain, overall=_group(references, answers_no_rag, answers_rag))
 
 
-def _decode(samples: Sequence[Sample], undecodable: list[str]) -> tuple[list[Sample], list[Image.Image]]:
-    """The samples whose image decodes, with their images; the others' ids are appended to ``undecodable``."""
-    kept, images = [], []
-    for s in samples:
-        try:
-            images.append(sample_image(s))
-        except RecordError as exc:
-            logger.warning("skipping sample %s: its image cannot be decoded (%s)", s.id, exc)
-            undecodable.append(s.id)
-            continue
-        kept.append(s)
-    return kept, images
-
-
 def evaluate_reader(
     engine: ClosedScorer,
     retriever: object,
@@ -212,7 +197,7 @@ def evaluate_reader(
     no_rag: list[str] = []
     rag: list[str] = []
     for start in tqdm(range(0, len(eligible), batch_size), desc="reader eval", unit="batch"):
-        chunk, images = _decode(eligible[start : start + batch_size], undecodable)
+        chunk, images = decodable_samples(eligible[start : start + batch_size], undecodable)
         if not chunk:
             continue
         contexts = retrieve_contexts(

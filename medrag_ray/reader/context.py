@@ -13,6 +13,7 @@ retrieving a sample's own report would teach the reader to copy and inflate ever
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from medrag_ray.data.readers.common import load_image
-from medrag_ray.data.schema import Sample
+from medrag_ray.data.schema import RecordError, Sample
 from medrag_ray.reader.answers import YES_NO
 from medrag_ray.reader.prompts import (
     ReaderInput,
@@ -32,6 +33,8 @@ from medrag_ray.reader.prompts import (
     single_image_input,
 )
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,9 +85,21 @@ def sample_image(sample: Sample) -> Image.Image:
         return load_image(sample.image_bytes, name=f"sample {sample.id}")
     if sample.image_path:
         return load_image(sample.image_path, name=f"sample {sample.id} ({sample.image_path})")
-    from medrag_ray.data.schema import RecordError
-
     raise RecordError("image_bytes", "the sample has neither image_bytes nor image_path", source=sample.id)
+
+
+def decodable_samples(samples: Sequence[Sample], undecodable: list[str]) -> tuple[list[Sample], list[Image.Image]]:
+    """The samples whose image decodes, with their images; the others' ids are appended to ``undecodable``."""
+    kept, images = [], []
+    for s in samples:
+        try:
+            images.append(sample_image(s))
+        except RecordError as exc:
+            logger.warning("skipping sample %s: its image cannot be decoded (%s)", s.id, exc)
+            undecodable.append(s.id)
+            continue
+        kept.append(s)
+    return kept, images
 
 
 def retrieve_contexts(

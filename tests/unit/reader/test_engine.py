@@ -40,13 +40,6 @@ REPORTS = [
 
 
 @pytest.fixture(scope="module")
-def reader():
-    tokenizer = train_bpe_tokenizer(CORPUS * 4, vocab_size=400)
-    torch.manual_seed(0)
-    return build_tiny_reader(ReaderConfig(), tokenizer)
-
-
-@pytest.fixture(scope="module")
 def inputs():
     """Eight inputs whose encodings have different lengths (prompts with 0, 1 or 2 reports)."""
     images = solid_images([20, 60, 100, 140, 180, 220, 240, 30], size=36, seed=1)

@@ -16,8 +16,6 @@ from medrag_ray.eval.ifa_layers import (
     gold_indices,
     layer_blocking_effects,
 )
-from medrag_ray.models.reader import ReaderConfig, build_tiny_reader
-from medrag_ray.models.tokenizer import train_bpe_tokenizer
 from medrag_ray.reader.engine import ReaderEngine, collate, encode, to_model, with_positions
 from medrag_ray.reader.ifa import (
     IFA_ATTENTION,
@@ -35,17 +33,10 @@ from medrag_ray.reader.ifa import (
     token_spans,
 )
 from medrag_ray.reader.prompts import closed_rag_prompt, jomed_input, report_prompt, single_image_input
-from tests.unit.models.conftest import CORPUS, solid_images
+from tests.unit.models.conftest import solid_images
 
 QUESTION = "Is there cardiomegaly?"
 DOCS = ("Mild cardiomegaly.", "The fundus photograph shows scattered drusen near the macula.")
-
-
-@pytest.fixture(scope="module")
-def reader():
-    tokenizer = train_bpe_tokenizer(CORPUS * 4, vocab_size=400)
-    torch.manual_seed(0)
-    return build_tiny_reader(ReaderConfig(), tokenizer)
 
 
 @pytest.fixture(scope="module")
