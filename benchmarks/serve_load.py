@@ -95,7 +95,7 @@ def local_server_main(artifacts: str, port: int) -> None:
 
     from medrag_ray.serving.answer import LocalAnswerer
     from medrag_ray.serving.images import InputError
-    from serve.http import parse_body, read_capped
+    from serve.request_body import parse_body, read_capped
 
     cfg = ServeConfig(artifacts_dir=artifacts)
     answerer = LocalAnswerer(cfg)

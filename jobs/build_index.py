@@ -23,6 +23,10 @@ corpus and encoders and write the docs Parquet).
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import os
 import shutil

@@ -8,6 +8,10 @@ Writes ``<out>.parquet``, ``<out>.summary.json`` (counts), ``<out>.missing_image
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import sys
 from collections.abc import Sequence
 from pathlib import Path

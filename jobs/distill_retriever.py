@@ -15,6 +15,10 @@
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import dataclasses
 import functools
 import json

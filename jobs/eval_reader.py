@@ -12,6 +12,10 @@ hundred questions, so one process is enough; a cluster run uses the GPU of the n
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import sys
 from collections.abc import Sequence

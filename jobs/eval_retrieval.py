@@ -13,6 +13,10 @@ one process is enough; a cluster run uses the GPU of the node it lands on (``dev
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import sys
 from collections.abc import Sequence

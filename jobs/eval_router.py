@@ -12,6 +12,10 @@ Examples of a domain the router does not know are counted separately (see
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import sys
 import time

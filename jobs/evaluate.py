@@ -12,6 +12,10 @@ domain) and the CR / OR rates of the SFT and the last RAG-PT reader -- and, when
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import dataclasses
 import logging
 import sys

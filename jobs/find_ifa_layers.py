@@ -14,6 +14,10 @@ attention blocked in each decoder layer in turn (:mod:`medrag_ray.eval.ifa_layer
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import sys
 from collections.abc import Sequence

@@ -10,6 +10,10 @@ default size), so this job needs no Ray; under ``ray job submit`` give an absolu
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import sys
 import time

@@ -15,6 +15,10 @@ command and only unfinished samples are mined; a killed actor is restarted by Ra
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import dataclasses
 import json
 import logging
@@ -31,7 +35,7 @@ import ray
 import ray.data
 
 from jobs.runtime import actor_pool_kwargs, cluster_has_gpu, init_ray
-from medrag_ray.config import MinePrefsConfig, PipelineConfig, parse_job_args, to_dict
+from medrag_ray.config import MinePrefsConfig, PipelineConfig, parse_job_args, steps_before, to_dict
 from medrag_ray.data.schema import RecordError, Sample
 from medrag_ray.mining.miner import BatchResult, MiningSettings, PreferenceMiner, Reject
 from medrag_ray.mining.store import MiningStore
@@ -99,20 +103,21 @@ class MinerActor:
 
 
 def build_prerequisites(cfg: MinePrefsConfig) -> None:
-    """Run the pipeline up to ``train_reader`` when an input is missing (or explain how to get it)."""
+    """Run the pipeline's steps before ``mine_prefs`` when an input is missing (or explain how to get it)."""
     missing = missing_reader_inputs(cfg)
     if not missing:
         return
     if not cfg.build_missing:
         raise FileNotFoundError(
-            f"missing inputs {missing}; build them with `python jobs/pipeline.py` or pass build_missing=true"
+            f"missing inputs {missing}; build them with `python jobs/pipeline.py "
+            f"steps=[{','.join(steps_before('mine_prefs'))}]` or pass build_missing=true"
         )
     from jobs import pipeline
 
     pipe = PipelineConfig(
         artifacts_dir=cfg.artifacts_dir,
         ray=cfg.ray,
-        steps=tuple(s for s in PipelineConfig().steps if s != "mine_prefs"),
+        steps=steps_before("mine_prefs"),
     )
     logger.info("missing %s: building the prerequisites with the pipeline under %s first", missing, cfg.artifacts_dir)
     pipeline.main(pipe)

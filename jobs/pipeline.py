@@ -21,6 +21,10 @@ A step whose outputs already exist under ``artifacts_dir`` is skipped with a log
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import dataclasses
 import logging
 import sys

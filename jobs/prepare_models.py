@@ -9,6 +9,10 @@ Writes ``tokenizer/ encoder/ router/ reader/ prepared.json`` into ``out_dir`` (s
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import logging
 import sys
 from collections.abc import Sequence

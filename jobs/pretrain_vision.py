@@ -13,6 +13,10 @@ and ``metrics.json`` (per-finding validation accuracy, per epoch).
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import functools
 import logging
 import sys

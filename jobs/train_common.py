@@ -3,9 +3,11 @@
 
 Inside each worker the loop talks to Ray through :class:`RayTrainCoordinator` (``ray.train.get_checkpoint``
 to resume, ``ray.train.report`` with every rank's part of the DeepSpeed checkpoint, which Ray merges into
-one checkpoint folder). A re-run with the same run name and storage path finds the run's snapshot and
-resumes from its last checkpoint; ``FailureConfig(max_failures)`` restarts the worker group from that
-checkpoint when a worker dies.
+one checkpoint folder). The Ray Train run of a job is ``<run_name>-<fingerprint>`` (:mod:`medrag_ray.train.runs`:
+the fingerprint covers the task and its arguments and the loop settings), so a re-run of the same command finds
+its run's snapshot and resumes from its last checkpoint, while the same ``run_name`` with another config starts
+a run of its own; ``FailureConfig(max_failures)`` restarts the worker group from the last checkpoint when a worker
+dies.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from jobs.runtime import cluster_has_gpu
 from medrag_ray.config import RayTrainConfig, TrainLoopConfig, to_dict
 from medrag_ray.train.loop import MODEL_DIR, STATE_FILE, TrainTask, train
+from medrag_ray.train.runs import IDENTITY_FILE, other_runs, run_folder_name, run_identity, write_identity
 from medrag_ray.utils import atomic_output_dir, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -74,15 +77,29 @@ def fit(
     ray_train_cfg: RayTrainConfig,
     worker_fn: Callable[[dict[str, Any]], None] = train_worker,
 ) -> ray.train.Result:
-    """Run one Ray Train job named ``name``; raises with the run's error if it failed for good.
+    """Run (or resume) the Ray Train run of job ``name`` with this task and loop config; raises with the run's
+    error if it failed for good.
 
     ``worker_fn`` is the per-worker function (tests wrap :func:`train_worker` to inject failures).
     """
     storage = resolve_storage(ray_train_cfg.storage_path)
-    run_dir = Path(storage) / name
-    if not ray_train_cfg.resume and "://" not in storage and run_dir.exists():
-        logger.info("ray_train.resume=false: deleting the previous run folder %s", run_dir)
-        shutil.rmtree(run_dir)
+    identity = run_identity(task_factory, train_cfg)
+    folder = run_folder_name(name, identity)
+    run_dir = Path(storage) / folder
+    if "://" not in storage:
+        if not ray_train_cfg.resume and run_dir.exists():
+            logger.info("ray_train.resume=false: deleting the previous run folder %s", run_dir)
+            shutil.rmtree(run_dir)
+        resuming = (run_dir / IDENTITY_FILE).is_file()
+        others = other_runs(Path(storage), name, folder)
+        write_identity(run_dir, name, identity)
+        if resuming:
+            logger.info("%s: continuing the run in %s (from its last checkpoint, if it has one)", name, run_dir)
+        elif others:
+            logger.info(
+                "%s: a new run in %s; the run(s) %s of the same name were trained with another config and are "
+                "left as they are", name, run_dir, [p.name for p in others],
+            )
     gpu = use_gpu(ray_train_cfg)
     trainer = TorchTrainer(
         worker_fn,
@@ -94,7 +111,7 @@ def fit(
         ),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(
-            name=name,
+            name=folder,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=ray_train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_train_cfg.num_to_keep),

@@ -17,6 +17,10 @@ checkpoint (a finished stage is re-exported, not retrained).
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import functools
 import json
 import logging

@@ -16,6 +16,10 @@ reader and writes no adapter).
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import functools
 import json
 import logging

@@ -13,6 +13,10 @@ checkpoint every epoch, resume from the last one when the command is re-run, and
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import functools
 import json
 import logging

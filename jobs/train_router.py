@@ -13,6 +13,10 @@ directory) plus a linear head over the domains, trained with cross-entropy on ``
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import functools
 import json
 import logging

@@ -1232,6 +1232,13 @@ PIPELINE_STEPS: tuple[str, ...] = (
 """The pipeline's steps in order."""
 
 
+def steps_before(step: str) -> tuple[str, ...]:
+    """The pipeline steps that run before ``step``: what a job needs built before it runs (in pipeline order)."""
+    if step not in PIPELINE_STEPS:
+        raise ConfigError(f"{step!r} is not a pipeline step; choose from {list(PIPELINE_STEPS)}")
+    return PIPELINE_STEPS[: PIPELINE_STEPS.index(step)]
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """``jobs/pipeline.py``: run every step on the embedded default, building what is missing."""

@@ -11,6 +11,10 @@ unless ``host`` says otherwise.
 
 from __future__ import annotations
 
+import jobs.preflight  # noqa: F401 - first: a Python without the dependencies gets what to do
+
+# isort: split
+
 import argparse
 import logging
 import sys
@@ -125,7 +129,14 @@ def start(cfg: ServeConfig, blocking: bool = False) -> Any:
 
 
 def main(cfg: ServeConfig) -> None:
-    start(cfg, blocking=True)
+    """Serve until interrupted; Ctrl-C shuts the application and this script's Ray down and exits cleanly."""
+    from ray import serve
+
+    try:
+        start(cfg, blocking=True)
+    except KeyboardInterrupt:
+        logger.info("interrupted: shutting %s down", APP_NAME)
+        serve.shutdown()
 
 
 if __name__ == "__main__":

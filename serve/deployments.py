@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from medrag_ray.config import DeploymentSettings, ServeConfig
 from medrag_ray.serving.images import InputError, decode_image
 from medrag_ray.serving.query import AnswerQuery, parse_query
-from serve.http import parse_body, read_capped
+from serve.request_body import parse_body, read_capped
 from serve.schemas import AnswerRequest, AnswerResponse, ErrorResponse, Health
 
 logger = logging.getLogger("serve.deployments")

@@ -40,3 +40,12 @@ def require(shared: Path, *parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data file missing: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline's artifacts layout with untrained tiny models, built in-process in seconds (read-only: tests
+    that change artifacts build their own)."""
+    from tests.unit.serving.artifacts import build_tiny_artifacts
+
+    return build_tiny_artifacts(tmp_path_factory.mktemp("tiny_artifacts"))

@@ -172,11 +172,14 @@ class RouterTask:
 
 
 def dataset_file(dataset_dir: str | Path, name: str) -> Path:
+    """``dataset_dir/name``, or a FileNotFoundError with the commands that build such a dataset."""
     path = Path(dataset_dir) / name
     if not path.is_file():
+        routing = f" (real images for the router: `python jobs/make_routing_data.py out_dir={dataset_dir}`)"
         raise FileNotFoundError(
-            f"{path} is missing; build the dataset with `python jobs/make_data.py out_dir={dataset_dir}` "
-            "or point dataset_dir at a dataset in that layout"
+            f"dataset_dir: {path} is missing; build the synthetic dataset with `python jobs/make_data.py "
+            f"out_dir={dataset_dir}`{routing if name.startswith('samples_') else ''} or point dataset_dir at a "
+            "dataset in that layout"
         )
     return path
 

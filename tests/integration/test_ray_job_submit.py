@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import HeadNode, submit_job
@@ -85,3 +87,30 @@ def test_job_submit_make_data(ray_head: HeadNode, tmp_path: Path) -> None:
     assert set(counts["corpus"]) == set(domains)
 
 
+
+
+def test_a_job_run_by_a_python_without_the_project_says_what_to_do(ray_head: HeadNode, tmp_path: Path) -> None:
+    """`ray job submit -- python ...` runs the `python` on the PATH of `ray start`; when that is a Python without
+    the project (the system one, when the head was not started from the venv), the job fails at once with the
+    step that fixes it -- not with `No module named 'pyarrow'` somewhere in an import."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    python = fake_bin / "python"  # an interpreter without site-packages: none of the dependencies importable
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python.chmod(0o755)
+    env_file = tmp_path / "runtime_env.yaml"
+    runtime_env = yaml.safe_load((REPO_ROOT / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"]["PATH"] = f"{fake_bin}:/usr/bin:/bin"
+    env_file.write_text(yaml.safe_dump(runtime_env))
+    out_dir = tmp_path / "never"
+    submission_id, res = submit_job(ray_head, REPO_ROOT, "jobs/make_data.py", [f"out_dir={out_dir}"], cwd=tmp_path,
+                                    timeout_s=180, runtime_env=env_file)
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    assert res.returncode != 0 and client.get_job_status(submission_id) == JobStatus.FAILED
+    logs = client.get_job_logs(submission_id)
+    assert "does not have the project's dependencies" in logs, logs[-3000:]
+    assert "source .venv/bin/activate && ray start --head" in logs, logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]
+    assert not out_dir.exists()

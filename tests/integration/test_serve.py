@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
+import signal
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,44 +18,52 @@ import pytest
 import requests
 from PIL import Image
 
-from jobs.runtime import shutdown_ray
-from medrag_ray.config import DeploymentSettings, RayConfig, ServeConfig
 from medrag_ray.data.schema import Sample, read_parquet
 from medrag_ray.retrieval.embed import read_docs_table
-from tests.conftest import require
-from tests.unit.serve.test_http import multipart
-from tests.unit.serving.artifacts import build_tiny_artifacts
+from serve.app import DEFAULT_CONFIG, config_from_serve_file
+from tests.conftest import REPO_ROOT, require
+from tests.integration.conftest import PYTHON, free_ports, stop_group, user_env, wait_http
+from tests.unit.serve.test_request_body import multipart
 from tests.unit.serving.test_images import png_declaring
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def overrides(root: Path, port: int) -> list[str]:
+    """``python serve/app.py`` overrides of the shipped ``serve/config.yaml``: one replica each, small batches,
+    and one ingress slot with a queue of 2, so a burst of concurrent requests must be shed with 503s."""
+    out = [f"artifacts_dir={root}", f"port={port}", "request_timeout_s=60", "ray.num_cpus=4"]
+    small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25, "max_batch_size": 4, "max_ongoing_requests": 8,
+             "max_queued_requests": 16}
+    one_slot = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.1, "max_batch_size": 1, "max_ongoing_requests": 1,
+                "max_queued_requests": 2}
+    for name, settings in (("router", small), ("retriever", small), ("reader", small), ("ingress", one_slot)):
+        out += [f"{name}.{key}={value}" for key, value in settings.items()]
+    return out
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    from ray import serve
-
-    from serve.app import start
-
-    root = build_tiny_artifacts(tmp_path_factory.mktemp("serve_app"))
-    small = DeploymentSettings(num_cpus=0.25, max_batch_size=4, max_ongoing_requests=8, max_queued_requests=16)
-    cfg = ServeConfig(
-        artifacts_dir=str(root), port=_free_port(), request_timeout_s=60,
-        # One ingress slot and a queue of 2: a burst of concurrent requests must be shed with 503s.
-        ingress=DeploymentSettings(num_cpus=0.1, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=2),
-        router=small, retriever=small, reader=small, ray=RayConfig(num_cpus=4),
-    )
-    start(cfg)
-    try:
-        yield f"http://127.0.0.1:{cfg.port}", root
-    finally:
-        serve.shutdown()
-        shutdown_ray()
+def served(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """The app as the README starts it: ``python serve/app.py [overrides]`` from a clean working directory, until
+    /healthz answers; teardown is Ctrl-C (SIGINT), after which the script must exit cleanly."""
+    root, (port,) = tiny_artifacts, free_ports(1)
+    cwd = tmp_path_factory.mktemp("serve_cwd")
+    with user_env() as env:
+        proc = subprocess.Popen([PYTHON, str(REPO_ROOT / "serve" / "app.py"), *overrides(root, port)], cwd=cwd,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            try:
+                wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=300)
+            except TimeoutError:
+                stop_group(proc.pid)
+                pytest.fail(f"serve/app.py never answered /healthz:\n{proc.communicate()[0][-8000:]}")
+            yield f"http://127.0.0.1:{port}", root
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=90)
+            assert proc.returncode == 0, out[-6000:]
+        finally:
+            stop_group(proc.pid)
 
 
 def post(url: str, **kwargs: Any) -> requests.Response:
@@ -183,7 +192,7 @@ def test_synthetic_closed_questions_match_the_one_process_answerer(served: tuple
     from medrag_ray.serving.answer import LocalAnswerer
 
     url, root = served
-    local = LocalAnswerer(ServeConfig(artifacts_dir=str(root)))
+    local = LocalAnswerer(config_from_serve_file(DEFAULT_CONFIG, overrides(root, 8000)))  # what the server runs
     samples = [s for s in read_parquet(root / "data" / "synthetic" / "samples_test.parquet", Sample)
                if s.answer_type == "closed"][:4]
     for s in samples:

@@ -27,6 +27,7 @@ from jobs.runtime import init_ray, shutdown_ray
 from jobs.train_common import export_result, fit, train_worker
 from medrag_ray.config import RayConfig, RayTrainConfig, TrainLoopConfig, TrainRetrieverConfig
 from medrag_ray.models.dual_encoder import load_dual_encoder
+from medrag_ray.train.runs import run_folder_name, run_identity
 from medrag_ray.train.tasks import make_retriever_task
 from tests.unit.train.conftest import make_tiny_training_dir
 
@@ -97,7 +98,8 @@ def test_rerun_with_the_same_name_resumes_from_the_last_checkpoint(tiny, tmp_pat
     cfg = ray_train_cfg(tmp_path, max_failures=0)
     with pytest.raises(RuntimeError, match="re-run the same command to resume"):
         fit("resume-run", factory, LOOP, cfg, worker_fn=crash_after_first_epoch)
-    (saved,) = (tmp_path / "runs" / "resume-run").glob("checkpoint_*/trainer_state.json")
+    run_dir = tmp_path / "runs" / run_folder_name("resume-run", run_identity(factory, LOOP))
+    (saved,) = run_dir.glob("checkpoint_*/trainer_state.json")
     crashed_state = json.loads(saved.read_text())
     result = fit("resume-run", factory, LOOP, cfg)
     state = export_result(result, tmp_path / "model")
@@ -145,14 +147,15 @@ def kill_rank1_once(config: dict[str, Any]) -> None:
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tiny, tmp_path) -> None:
     dataset_dir, encoder_dir = tiny
-    marker, starts, run_dir = tmp_path / "killed", tmp_path / "starts.txt", tmp_path / "runs" / "kill-run"
     factory = lambda: make_retriever_task("kill", str(encoder_dir), str(dataset_dir), ["radiology"])  # noqa: E731
+    loop = TrainLoopConfig(epochs=3, batch_size=4, precision="fp32")
+    run_dir = tmp_path / "runs" / run_folder_name("kill-run", run_identity(factory, loop))
+    marker, starts = tmp_path / "killed", tmp_path / "starts.txt"
 
     def worker(config: dict[str, Any]) -> None:
         kill_rank1_once({**config, "marker": str(marker), "starts": str(starts), "run_dir": str(run_dir)})
 
-    result = fit("kill-run", factory, TrainLoopConfig(epochs=3, batch_size=4, precision="fp32"),
-                 ray_train_cfg(tmp_path, max_failures=1), worker_fn=worker)
+    result = fit("kill-run", factory, loop, ray_train_cfg(tmp_path, max_failures=1), worker_fn=worker)
     assert marker.exists()
     lines = starts.read_text().split()
     # two ranks started fresh, then both restarted from a checkpoint

@@ -18,12 +18,11 @@ from medrag_ray.retrieval.embed import read_docs_table
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
 from medrag_ray.serving.answer import LocalAnswerer
 from medrag_ray.serving.images import InputError
-from tests.unit.serving.artifacts import build_tiny_artifacts
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_artifacts(tmp_path_factory.mktemp("serve_artifacts"))
+def root(tiny_artifacts: Path) -> Path:
+    return tiny_artifacts
 
 
 @pytest.fixture(scope="module")

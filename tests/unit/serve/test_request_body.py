@@ -10,7 +10,7 @@ import pytest
 
 from medrag_ray.config import ServeLimits
 from medrag_ray.serving.images import InputError
-from serve.http import parse_body, read_capped
+from serve.request_body import parse_body, read_capped
 
 LIMITS = ServeLimits(max_body_bytes=4096, max_image_bytes=2048)
 BOUNDARY = "medragboundary"
