@@ -17,7 +17,9 @@ import jobs.preflight  # noqa: F401 - first: a Python without the dependencies g
 
 import argparse
 import logging
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,14 +130,23 @@ def start(cfg: ServeConfig, blocking: bool = False) -> Any:
     return handle
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(cfg: ServeConfig) -> None:
-    """Serve until interrupted; Ctrl-C shuts the application and this script's Ray down and exits cleanly."""
+    """Serve until stopped: Ctrl-C (SIGINT) or SIGTERM (``kill``, a process manager) shuts the application and this
+    script's Ray down, and the script exits with status 0."""
     from ray import serve
 
     try:
-        start(cfg, blocking=True)
+        start(cfg)
+        # After Ray's start, whose own SIGTERM handler would abort the process with a stack dump.
+        signal.signal(signal.SIGTERM, _interrupt)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        logger.info("interrupted: shutting %s down", APP_NAME)
+        logger.info("stopping: shutting %s down", APP_NAME)
         serve.shutdown()
 
 

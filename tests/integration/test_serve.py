@@ -45,7 +45,8 @@ def overrides(root: Path, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """The app as the README starts it: ``python serve/app.py [overrides]`` from a clean working directory, until
-    /healthz answers; teardown is Ctrl-C (SIGINT), after which the script must exit cleanly."""
+    /healthz answers; teardown is SIGTERM (what ``kill`` and process managers send; Ctrl-C takes the same exit),
+after which the script must shut Serve down and exit with status 0."""
     root, (port,) = tiny_artifacts, free_ports(1)
     cwd = tmp_path_factory.mktemp("serve_cwd")
     with user_env() as env:
@@ -59,9 +60,10 @@ def served(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 stop_group(proc.pid)
                 pytest.fail(f"serve/app.py never answered /healthz:\n{proc.communicate()[0][-8000:]}")
             yield f"http://127.0.0.1:{port}", root
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=90)
             assert proc.returncode == 0, out[-6000:]
+            assert "stopping: shutting medrag down" in out
         finally:
             stop_group(proc.pid)
 
