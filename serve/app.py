@@ -116,22 +116,26 @@ def parse_args(argv: Sequence[str] | None) -> ServeConfig:
     return config_from_serve_file(args.config, args.overrides)
 
 
-def start(cfg: ServeConfig, blocking: bool = False) -> Any:
-    """Start (or join) Ray, start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy; returns the handle."""
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def start(cfg: ServeConfig, blocking: bool = False, stop_on_sigterm: bool = False) -> Any:
+    """Start (or join) Ray, start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy; returns the handle.
+    ``stop_on_sigterm``: from Ray's start on, SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does
+    (Ray's own handler would abort the process with a stack dump)."""
     from ray import serve
 
     from jobs.runtime import init_ray
 
     app = compose(cfg)  # checks the artifacts before Ray starts
     init_ray(cfg.ray)
+    if stop_on_sigterm:
+        signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
     logger.info("serving %s on http://%s:%d (POST /v1/answer, GET /healthz, /docs)", APP_NAME, cfg.host, cfg.port)
     return handle
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(cfg: ServeConfig) -> None:
@@ -140,9 +144,7 @@ def main(cfg: ServeConfig) -> None:
     from ray import serve
 
     try:
-        start(cfg)
-        # After Ray's start, whose own SIGTERM handler would abort the process with a stack dump.
-        signal.signal(signal.SIGTERM, _interrupt)
+        start(cfg, stop_on_sigterm=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
