@@ -38,6 +38,7 @@ from jobs.runtime import actor_pool_kwargs, cluster_has_gpu, init_ray
 from jobs.train_common import export_result, fit
 from medrag_ray.config import DistillRetrieverConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import RecordError, Sample
+from medrag_ray.data.subset import take_spread
 from medrag_ray.reader.answers import YES_NO, normalize_closed
 from medrag_ray.reader.context import sample_image
 from medrag_ray.retrieval.distill import (
@@ -111,13 +112,11 @@ def _scorable(answer_type: str, answer: str) -> bool:
 
 
 def selected_ids(path: Path, limit: int) -> set[str]:
-    """The closed yes/no rows of a samples file, or ``limit`` of them evenly spaced (the synthetic files are grouped
-    by domain: the first rows would all be one domain)."""
-    table = pq.read_table(path, columns=["id", "answer_type", "answer"]).to_pydict()
-    ids = [i for i, t, a in zip(table["id"], table["answer_type"], table["answer"], strict=True) if _scorable(t, a)]
-    if limit and len(ids) > limit:
-        ids = [ids[j * len(ids) // limit] for j in range(limit)]
-    return set(ids)
+    """The closed yes/no rows of a samples file, or ``limit`` of them spread evenly over the domains."""
+    table = pq.read_table(path, columns=["id", "domain", "answer_type", "answer"]).to_pydict()
+    rows = [(i, d) for i, d, t, a in zip(table["id"], table["domain"], table["answer_type"], table["answer"],
+                                         strict=True) if _scorable(t, a)]
+    return set(take_spread([i for i, _ in rows], [d for _, d in rows], limit))
 
 
 def scores_dir(cfg: DistillRetrieverConfig) -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 
 from medrag_ray.config import EvalReaderConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.subset import take_spread
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.eval.reader_eval import evaluate_reader, reader_markdown
 from medrag_ray.reader.context import missing_reader_inputs
@@ -57,8 +58,7 @@ def main(cfg: EvalReaderConfig) -> dict[str, Any]:
     from medrag_ray.retrieval.retriever import MultimodalRetriever
 
     samples = read_parquet(cfg.samples_path, Sample)
-    if cfg.limit:
-        samples = samples[: cfg.limit]
+    samples = take_spread(samples, [s.domain for s in samples], cfg.limit)
     retriever = MultimodalRetriever.from_artifacts(
         cfg.context.router_dir, cfg.context.index_dir, device=cfg.device, with_images=cfg.context.style == "jomed"
     )

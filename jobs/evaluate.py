@@ -25,6 +25,7 @@ from typing import Any
 
 from medrag_ray.config import EvaluateConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.subset import take_spread
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.eval.rag_pt_eval import (
     ablation_markdown,
@@ -51,8 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> EvaluateConfig:
 def closed_samples(cfg: EvaluateConfig) -> tuple[list[Sample], list[Any], dict[str, int]]:
     """The closed yes/no samples with a readable image, their images, and what was skipped."""
     rows = read_parquet(cfg.samples_path, Sample)
-    if cfg.limit:
-        rows = rows[: cfg.limit]
+    rows = take_spread(rows, [s.domain for s in rows], cfg.limit)
     closed = [s for s in rows if s.answer_type == "closed" and normalize_closed(s.answer, YES_NO) is not None]
     undecodable: list[str] = []
     kept, images = decodable_samples(closed, undecodable)

@@ -5,8 +5,8 @@
     ray job submit --working-dir . -- python jobs/find_ifa_layers.py out_dir=/abs/eval
 
 Loads the reader, the router and the per-domain indexes once; takes the closed yes/no questions of the
-validation split (``limit`` of them, evenly spaced over the file), retrieves with adaptive-k, keeps the
-questions with at least one kept document, and scores them unblocked and with the question -> document
+validation split (``limit`` of them, spread evenly over the domains), retrieves with adaptive-k, keeps
+the questions with at least one kept document, and scores them unblocked and with the question -> document
 attention blocked in each decoder layer in turn (:mod:`medrag_ray.eval.ifa_layers`). Writes
 ``<out_dir>/critical_layers.json`` (``layers``: the ``top_n`` critical layers, ``per_layer``, ``baseline``,
 ``n``, ``skipped``, ``config``) and ``critical_layers.md``; pass ``layers`` to ``IFASettings`` at inference.
@@ -28,6 +28,7 @@ from PIL import Image
 
 from medrag_ray.config import FindIFALayersConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.subset import take_spread
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.reader.answers import YES_NO, normalize_closed
 from medrag_ray.reader.context import SampleContext, decodable_samples, missing_reader_inputs
@@ -53,20 +54,13 @@ def check_inputs(cfg: FindIFALayersConfig) -> None:
         )
 
 
-def evenly(items: Sequence[Any], limit: int) -> list[Any]:
-    """``limit`` items spread evenly over ``items`` (all of them when ``limit`` is 0 or not smaller)."""
-    if not limit or limit >= len(items):
-        return list(items)
-    step = len(items) / limit
-    return [items[int(i * step)] for i in range(limit)]
-
-
 def closed_questions(cfg: FindIFALayersConfig) -> tuple[list[Sample], list[Image.Image], dict[str, int]]:
-    """The closed yes/no samples with a readable image (``limit`` of them, evenly spaced), and what was skipped."""
+    """The closed yes/no samples with a readable image (``limit`` of them spread over the domains), and what was
+    skipped."""
     rows = read_parquet(cfg.samples_path, Sample)
     closed = [s for s in rows if s.answer_type == "closed" and normalize_closed(s.answer, YES_NO) is not None]
     undecodable: list[str] = []
-    kept, images = decodable_samples(evenly(closed, cfg.limit), undecodable)
+    kept, images = decodable_samples(take_spread(closed, [s.domain for s in closed], cfg.limit), undecodable)
     skipped = {"not_closed_yes_no": len(rows) - len(closed), "undecodable_image": len(undecodable)}
     if not kept:
         raise ValueError(f"{cfg.samples_path} has no closed yes/no question with a readable image (skipped {skipped})")

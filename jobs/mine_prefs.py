@@ -37,6 +37,7 @@ import ray.data
 from jobs.runtime import actor_pool_kwargs, cluster_has_gpu, init_ray
 from medrag_ray.config import MinePrefsConfig, PipelineConfig, parse_job_args, steps_before, to_dict
 from medrag_ray.data.schema import RecordError, Sample
+from medrag_ray.data.subset import take_spread
 from medrag_ray.mining.miner import BatchResult, MiningSettings, PreferenceMiner, Reject
 from medrag_ray.mining.store import MiningStore
 from medrag_ray.reader.context import missing_reader_inputs
@@ -145,14 +146,19 @@ def absolute(cfg: MinePrefsConfig) -> MinePrefsConfig:
     )
 
 
+def selected_ids(samples_path: str, limit: int) -> set[str]:
+    """The ids of the ``limit`` samples a run mines, spread evenly over the domains (from the id and domain columns
+    alone; a file, a directory of parquet files or a pyarrow-readable URI)."""
+    table = pq.read_table(samples_path, columns=["id", "domain"]).to_pydict()
+    return set(take_spread(table["id"], table["domain"], limit))
+
+
 def all_mined(samples_path: str, limit: int, done: set[str]) -> bool:
-    """Whether every sample a run would select (the first ``limit``, 0 = all) is in ``done``, from the id column
-    alone; ``False`` for a directory or a remote path (the Ray Data pass then filters the mined ones out)."""
-    path = Path(samples_path)
-    if not done or not path.is_file():
+    """Whether every sample a run would select (:func:`selected_ids`, 0 = all) is in ``done``; ``False`` for a
+    directory or a remote path (the Ray Data pass then filters the mined ones out)."""
+    if not done or not Path(samples_path).is_file():
         return False
-    ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    return set(ids[: limit or None]) <= done
+    return selected_ids(samples_path, limit) <= done
 
 
 def mine(cfg: MinePrefsConfig, done: set[str], actor_cls: type[MinerActor]) -> tuple[int, int]:
@@ -160,7 +166,8 @@ def mine(cfg: MinePrefsConfig, done: set[str], actor_cls: type[MinerActor]) -> t
     init_ray(cfg.ray)
     ds = ray.data.read_parquet(cfg.samples_path)
     if cfg.limit:
-        ds = ds.limit(cfg.limit)
+        chosen = selected_ids(cfg.samples_path, cfg.limit)
+        ds = ds.filter(lambda row: row["id"] in chosen)
     if done:
         logger.info("resuming: %d sample(s) of %s are mined already and are skipped", len(done), cfg.out_dir)
         ds = ds.filter(lambda row: row["id"] not in done)

@@ -31,6 +31,7 @@ from jobs.runtime import init_ray
 from jobs.train_common import fit_to_dir
 from medrag_ray.config import TrainReaderConfig, parse_job_args
 from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.subset import take_spread
 from medrag_ray.reader.context import SampleContext, retrieve_contexts, sample_image
 from medrag_ray.reader.sft import build_sft_examples, make_reader_sft_task, write_sft_examples
 from medrag_ray.retrieval.retriever import MultimodalRetriever
@@ -73,8 +74,8 @@ def write_examples(cfg: TrainReaderConfig) -> Path:
                 f"no {split} sample of {path} has answer_type in tasks={list(cfg.tasks)} and meta matching "
                 f"meta_filter={cfg.meta_filter}; fix tasks / meta_filter or dataset_dir"
             )
-        if split == "val" and len(samples) > cfg.max_val:  # evenly spaced: the files are grouped by domain
-            samples = [samples[i * len(samples) // cfg.max_val] for i in range(cfg.max_val)]
+        if split == "val":  # the files are grouped by domain: spread the subset over them
+            samples = take_spread(samples, [s.domain for s in samples], cfg.max_val)
         if retriever is None:
             contexts = [SampleContext(s.domain, None) for s in samples]
         else:

@@ -849,7 +849,8 @@ class TrainReaderConfig:
     """Share of training examples that get the retrieved context in the prompt; the rest are asked without,
     so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares)."""
     max_val: int = 240
-    """Validation examples scored each epoch (closed accuracy with and without retrieval)."""
+    """Validation examples scored each epoch (closed accuracy with and without retrieval), spread evenly over the
+    domains (:mod:`medrag_ray.data.subset`); 0 = all."""
     run_name: str = "reader-sft"
     overwrite: bool = False
     lora: LoraSettings = LoraSettings()
@@ -935,8 +936,8 @@ class EvalReaderConfig:
     route: bool = True
     """Pick the domain with the router F(x_v) (the paper); false uses each sample's labelled domain."""
     limit: int = 0
-    """Evaluate only the first ``limit`` rows of ``samples_path`` (0 = all); rows are in file order (the
-    synthetic sets are grouped by domain, so a small limit covers the first domain(s) only)."""
+    """Evaluate ``limit`` rows of ``samples_path``, spread evenly over the domains
+    (:mod:`medrag_ray.data.subset`); 0 = all."""
     batch_size: int = 32
     """Samples decoded, retrieved for and scored per step (also the reader's forward-pass batch)."""
     device: str = "auto"
@@ -979,7 +980,8 @@ class MinePrefsConfig:
     """Pick the domain with the router F(x_v) (the paper); false uses each sample's labelled domain."""
     seed: int = 0
     limit: int = 0
-    """Mine only the first ``limit`` samples (0 = all)."""
+    """Mine ``limit`` samples, spread evenly over the domains (:mod:`medrag_ray.data.subset`); 0 = all. The same
+    limit selects the same samples on every run."""
     batch_size: int = 32
     """Samples per actor batch (the unit of the exactly-once ledger)."""
     reader_batch_size: int = 32
@@ -1098,7 +1100,8 @@ class DistillRetrieverConfig:
     n_negatives: int = 2
     """MR-RAG's bottom-m negatives per question."""
     limit: int = 0
-    """Score ``limit`` evenly spaced closed questions of each split (0 = all of them)."""
+    """Score ``limit`` closed questions of each split, spread evenly over the domains
+    (:mod:`medrag_ray.data.subset`); 0 = all of them."""
     route: bool = True
     """Route with F(x_v) (the paper); false uses each sample's labelled domain."""
     reader_batch_size: int = 32
@@ -1157,7 +1160,8 @@ class EvaluateConfig:
     noise_step: int = 500
     route: bool = True
     limit: int = 0
-    """Evaluate only the first ``limit`` rows of ``samples_path`` (0 = all)."""
+    """Evaluate ``limit`` rows of ``samples_path``, spread evenly over the domains
+    (:mod:`medrag_ray.data.subset`); 0 = all."""
     batch_size: int = 32
     device: str = "auto"
     out_dir: str = "artifacts/eval"
@@ -1200,7 +1204,8 @@ class FindIFALayersConfig:
     route: bool = True
     """Pick the domain with the router F(x_v) (the paper); false uses each sample's labelled domain."""
     limit: int = 64
-    """Use the first ``limit`` usable questions, taken evenly over the file (0 = all)."""
+    """Use ``limit`` closed yes/no questions, spread evenly over the domains (:mod:`medrag_ray.data.subset`);
+    0 = all."""
     top_n: int = 1
     """How many critical layers to keep."""
     criterion: str = "abs_delta_gold"

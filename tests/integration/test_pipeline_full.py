@@ -23,6 +23,7 @@ from jobs.runtime import shutdown_ray
 from medrag_ray.config import PIPELINE_STEPS, MinePrefsConfig
 from medrag_ray.data.readers.common import load_image
 from medrag_ray.data.schema import CorpusDoc, Sample, read_parquet
+from medrag_ray.data.subset import take_spread
 from medrag_ray.eval.classification import classification_report
 from medrag_ray.mining.store import MiningStore
 from medrag_ray.models.reader import load_reader
@@ -93,8 +94,11 @@ def test_pipeline_trains_indexes_and_retrieves(built: tuple[Path, dict[str, Path
     assert reader_metrics["config"]["reader_dir"] == str(tmp_path / "models" / "reader_base")
     assert (tmp_path / "models" / "reader" / "adapter").is_dir()
     summary = json.loads(outputs["mine_prefs"].read_text())
-    samples = read_parquet(tmp_path / "data" / "synthetic" / "samples_train.parquet", Sample)[:MINING_LIMIT]
+    train = read_parquet(tmp_path / "data" / "synthetic" / "samples_train.parquet", Sample)
+    samples = take_spread(train, [s.domain for s in train], MINING_LIMIT)
     closed = [s for s in samples if s.answer_type == "closed"]
+    assert {s.domain for s in samples} == {"pathology", "radiology"}  # mining_limit spreads over the domains
+    assert sorted(summary["alignment_by_domain"]) == ["pathology", "radiology"]
     assert summary["samples_mined"] == len(closed) and summary["samples_rejected"] == len(samples) - len(closed)
     pairs = MiningStore(tmp_path / "prefs").pairs()
     assert summary["pairs"] == len(pairs) == sum(summary["pairs_by_type"].values())

@@ -22,6 +22,7 @@ import pytest
 
 from medrag_ray.config import steps_before
 from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.subset import take_spread
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import PYTHON, run_command, user_env
 
@@ -54,7 +55,8 @@ def test_mine_prefs_builds_only_the_steps_before_mining(built, tmp_path: Path) -
     assert sorted(manifest["domains"]) == ["pathology", "radiology"]
     assert not (art / "models" / "reader_dpo").exists() and not (art / "eval").exists()
     summary = json.loads((art / "prefs" / "summary.json").read_text())
-    samples = read_parquet(art / "data" / "synthetic" / "samples_train.parquet", Sample)[:24]
+    train = read_parquet(art / "data" / "synthetic" / "samples_train.parquet", Sample)
+    samples = take_spread(train, [s.domain for s in train], 24)
     assert summary["samples_mined"] == sum(s.answer_type == "closed" for s in samples)
     assert summary["this_run"]["samples"] == 24
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import medrag_ray.models.reader as reader_models
 import medrag_ray.retrieval.retriever as retriever_module
-from jobs.find_ifa_layers import DEFAULT_CONFIG, evenly, main, parse_args
+from jobs.find_ifa_layers import DEFAULT_CONFIG, main, parse_args
 from medrag_ray.config import ConfigError, FindIFALayersConfig
 from medrag_ray.data.schema import Sample, write_parquet
 from medrag_ray.mining.miner import png_bytes
@@ -45,11 +45,6 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"reader_dir={tmp_path / 'no_reader'}" in message and f"context.index_dir={tmp_path / 'no_index'}" in message
     assert "samples_path" not in message and "router_dir" not in message and "python jobs/pipeline.py" in message
-
-
-def test_evenly_spaced_subset() -> None:
-    assert evenly(list(range(10)), 4) == [0, 2, 5, 7]
-    assert evenly(list(range(3)), 0) == [0, 1, 2] and evenly(list(range(3)), 5) == [0, 1, 2]
 
 
 def test_main_writes_the_critical_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,16 +12,27 @@ from jobs import mine_prefs
 from medrag_ray.config import PIPELINE_STEPS, PipelineConfig
 
 
+def test_limit_selects_samples_spread_over_the_domains(tmp_path: Path) -> None:
+    """The file is grouped by domain, as the synthetic generator writes it: limit 4 takes two of each domain."""
+    path = tmp_path / "samples.parquet"
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(6)], "domain": ["radiology"] * 3 + ["pathology"] * 3,
+                             "question": ["q"] * 6}), path)
+    assert mine_prefs.selected_ids(str(path), 4) == {"s0", "s1", "s3", "s4"}
+    assert mine_prefs.selected_ids(str(path), 0) == {f"s{i}" for i in range(6)}
+
+
 def test_all_mined_looks_at_the_selected_ids_only(tmp_path: Path) -> None:
     path = tmp_path / "samples.parquet"
-    pq.write_table(pa.table({"id": [f"s{i}" for i in range(6)], "question": ["q"] * 6}), path)
-    first4 = {"s0", "s1", "s2", "s3"}
-    assert mine_prefs.all_mined(str(path), 4, first4)
-    assert not mine_prefs.all_mined(str(path), 5, first4)  # s4 is selected and not mined
-    assert not mine_prefs.all_mined(str(path), 0, first4)  # limit 0 selects every row
-    assert mine_prefs.all_mined(str(path), 0, first4 | {"s4", "s5", "other"})
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(6)], "domain": ["radiology"] * 3 + ["pathology"] * 3,
+                             "question": ["q"] * 6}), path)
+    spread4 = {"s0", "s1", "s3", "s4"}
+    assert mine_prefs.all_mined(str(path), 4, spread4)
+    assert not mine_prefs.all_mined(str(path), 4, {"s0", "s1", "s2", "s3"})  # s4 is selected and not mined
+    assert not mine_prefs.all_mined(str(path), 5, spread4)
+    assert not mine_prefs.all_mined(str(path), 0, spread4)  # limit 0 selects every row
+    assert mine_prefs.all_mined(str(path), 0, spread4 | {"s2", "s5", "other"})
     assert not mine_prefs.all_mined(str(path), 4, set())
-    assert not mine_prefs.all_mined(str(tmp_path), 4, first4)  # a directory: left to the Ray Data filter
+    assert not mine_prefs.all_mined(str(tmp_path), 4, spread4)  # a directory: left to the Ray Data filter
 
 
 def test_missing_prerequisites_run_exactly_the_pipeline_steps_before_mining(tmp_path: Path, monkeypatch) -> None:
