@@ -74,6 +74,12 @@ def main(cfg: EvalRouterConfig) -> dict[str, Any]:
     predictions = route_samples(router, usable, cfg.batch_size)
     seconds = time.perf_counter() - start
     result = router_report(usable, predictions, router.domains)
+    calibration = (router.temperature, router.unknown_threshold)
+    router.set_calibration(1.0, 0.0)  # the same router before calibration: what temperature scaling changed
+    raw = router_report(usable, route_samples(router, usable, cfg.batch_size), router.domains)
+    router.set_calibration(*calibration)
+    result["calibration"] = {"temperature": calibration[0], "unknown_threshold": calibration[1],
+                             "ece_uncalibrated": raw["ece"], "mean_confidence_uncalibrated": raw["mean_confidence"]}
     result.update(
         router_dir=str(Path(cfg.router_dir).resolve()),
         dataset_dir=str(Path(cfg.dataset_dir).resolve()),
@@ -84,6 +90,8 @@ def main(cfg: EvalRouterConfig) -> dict[str, Any]:
     )
     for line in unknown_domain_lines(result):
         logger.warning("%s", line)
+    logger.info("ECE %s at temperature 1 -> %s at the calibrated %.3f; routed unknown: %s", raw["ece"], result["ece"],
+                calibration[0], result["routed_unknown"])
     stem = result_stem(cfg)
     markdown = router_markdown(result, f"Domain router {cfg.router_dir} on {Path(cfg.dataset_dir).name}/{cfg.split}")
     path = write_json_and_markdown(cfg.out_dir, stem, result, markdown)

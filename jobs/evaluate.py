@@ -16,7 +16,6 @@ import jobs.preflight  # noqa: F401 - first: a Python without the dependencies g
 
 # isort: split
 
-import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,17 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from medrag_ray.config import EvaluateConfig, parse_job_args, to_dict
-from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.schema import CorpusDoc, Sample, read_parquet
 from medrag_ray.data.subset import take_spread
+from medrag_ray.data.synthetic import CORPUS_NAME, MANIFEST_NAME
+from medrag_ray.eval.diagnostics import load_case_truths
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.eval.rag_pt_eval import (
+    GroundTruth,
     ablation_markdown,
     alignment_rates,
-    grouped_metrics,
+    closed_ablation,
     jomed_comparison,
     jomed_markdown,
-    predict_closed,
+    retrieval_markdown,
 )
+from medrag_ray.eval.report import write_report
 from medrag_ray.mining.miner import MiningSettings
 from medrag_ray.reader.answers import YES_NO, normalize_closed
 from medrag_ray.reader.context import decodable_samples
@@ -81,25 +84,15 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         model, processor = load_reader(reader_dir, device=cfg.device)
         return ReaderEngine(model, processor, cfg.batch_size)
 
-    adaptive = cfg.context.retrieval
-    fixed = dataclasses.replace(adaptive, k=max(adaptive.k, cfg.fixed_k), k_max=cfg.fixed_k, adaptive="none")
-    sft = engine_for(cfg.reader_dir)
-
-    def predict(engine: ReaderEngine, retrieval: Any) -> Any:
-        return predict_closed(engine, retriever, samples, images, retrieval, cfg.context.style, cfg.route)
-
-    rows = {
-        "reader, no retrieval": predict(sft, None),
-        f"+ retrieval (fixed k={cfg.fixed_k})": predict(sft, fixed),
-        f"+ adaptive-k ({adaptive.adaptive})": predict(sft, adaptive),
-    }
     stage_dirs = [d for d in cfg.rag_pt_reader_dirs if Path(d).is_dir()]
     for missing in sorted(set(cfg.rag_pt_reader_dirs) - set(stage_dirs)):
         logger.warning("RAG-PT reader %s does not exist; its row is skipped (run jobs/train_dpo.py)", missing)
+    sft = engine_for(cfg.reader_dir)
     stage_engines = [engine_for(d) for d in stage_dirs]
-    for i, engine in enumerate(stage_engines, start=1):
-        rows[f"+ RAG-PT stage {i}"] = predict(engine, adaptive)
-    table = {name: grouped_metrics(pred) for name, pred in rows.items()}
+    adaptive = cfg.context.retrieval
+    truth = ground_truth(cfg)
+    ablation = closed_ablation(sft, stage_engines, retriever, samples, images, adaptive, cfg.fixed_k,
+                               cfg.context.style, cfg.route, truth)
     alignment: dict[str, Any] = {}
     if cfg.alignment:
         settings = MiningSettings(retrieval=adaptive, style=cfg.context.style, noise_step=cfg.noise_step,
@@ -107,9 +100,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         alignment["rag_sft"] = alignment_rates(sft, retriever, samples, settings)
         if stage_engines:
             alignment["rag_pt"] = alignment_rates(stage_engines[-1], retriever, samples, settings)
-    title = "RAG-PT ablation, closed questions" + (f" ({cfg.name})" if cfg.name else "")
-    markdown = ablation_markdown(table, title) + _alignment_markdown(alignment)
-    rag_pt = {"name": cfg.name, "rows": table, "alignment": alignment, "skipped": skipped,
+    suffix = f" ({cfg.name})" if cfg.name else ""
+    markdown = (ablation_markdown(ablation["rows"], "RAG-PT ablation, closed questions" + suffix)
+                + _alignment_markdown(alignment))
+    if ablation["diagnostics"]:
+        markdown += "\n" + ablation_markdown(ablation["diagnostics"], "Diagnostics" + suffix).replace("# ", "## ", 1)
+    markdown += retrieval_markdown(ablation["retrieval"])
+    rag_pt = {"name": cfg.name, **ablation, "alignment": alignment, "skipped": skipped,
               "rag_pt_readers": stage_dirs, "config": to_dict(cfg)}
     path = write_json_and_markdown(cfg.out_dir, "rag_pt", rag_pt, markdown)
     logger.info("RAG-PT ablation:\n%s\nwrote %s", markdown, path)
@@ -127,9 +124,22 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         path = write_json_and_markdown(cfg.out_dir, "jomed", jomed, jmd)
         logger.info("JOMED comparison:\n%s\nwrote %s", jmd, path)
     else:
+        jmd = ""
         logger.warning("no distilled retriever at %r; the JOMED table is skipped (run jobs/distill_retriever.py)",
                        cfg.jomed_retriever_dir)
+    report = write_report(cfg.out_dir, rag_pt, markdown, jomed, jmd)
+    logger.info("wrote %s with its plots", report)
     return {"rag_pt": rag_pt, "jomed": jomed}
+
+
+def ground_truth(cfg: EvaluateConfig) -> GroundTruth | None:
+    """The synthetic dataset's per-case truth and corpus from ``ground_truth_dir``, or None (real data)."""
+    root = Path(cfg.ground_truth_dir) if cfg.ground_truth_dir else None
+    if root is None or not (root / MANIFEST_NAME).is_file():
+        logger.info("no %s in ground_truth_dir=%r: the diagnostics rows are skipped", MANIFEST_NAME,
+                    cfg.ground_truth_dir)
+        return None
+    return GroundTruth(load_case_truths(root / MANIFEST_NAME), read_parquet(root / CORPUS_NAME, CorpusDoc))
 
 
 def _alignment_markdown(alignment: dict[str, Any]) -> str:

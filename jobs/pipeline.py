@@ -206,7 +206,8 @@ def steps(cfg: PipelineConfig) -> list[Step]:
             eval_dir / "rag_pt.json",
             lambda: evaluate.main(
                 EvaluateConfig(
-                    samples_path=str(data_dir / "samples_test.parquet"), reader_dir=str(reader_dir),
+                    samples_path=str(data_dir / "samples_test.parquet"), ground_truth_dir=str(data_dir),
+                    reader_dir=str(reader_dir),
                     rag_pt_reader_dirs=(str(root / "data" / "dpo" / "stage1" / "reader"), str(dpo_reader_dir)),
                     context=context, jomed_retriever_dir=str(jomed_dir), limit=cfg.eval_limit,
                     out_dir=str(eval_dir), name="synthetic-test",

@@ -6,8 +6,10 @@
 
 The router is the image tower of ``init_encoder_dir`` (the tiny init encoder, or a real BiomedCLIP
 directory) plus a linear head over the domains, trained with cross-entropy on ``samples_train.parquet``
-(one example per distinct image). After training, the exported router is evaluated on
-``samples_val.parquet``: per-domain precision/recall and the confusion matrix go to the log and to
+(one example per distinct image). After training, the exported router is calibrated on
+``samples_val.parquet`` (temperature scaling, and the confidence under which an image is of an unknown domain:
+``unknown_keep`` of the validation images stay above it; :mod:`medrag_ray.eval.calibration`) and evaluated there:
+ECE before / after, per-domain precision/recall and the confusion matrix go to the log and to
 ``out_dir/metrics.json``.
 """
 
@@ -27,9 +29,10 @@ from pathlib import Path
 from jobs.runtime import init_ray
 from jobs.train_common import export_result, fit
 from medrag_ray.config import TrainRouterConfig, parse_job_args, to_dict
-from medrag_ray.models.router import load_router
+from medrag_ray.models.router import load_router, save_router
 from medrag_ray.train.data import domain_examples
 from medrag_ray.train.tasks import (
+    calibrate_router,
     check_init_encoder,
     dataset_file,
     evaluate_router,
@@ -64,9 +67,18 @@ def main(cfg: TrainRouterConfig) -> Path:
         val_path = Path(cfg.dataset_dir) / "samples_val.parquet"
         if val_path.is_file():
             examples = domain_examples(val_path, domains)
-            report = evaluate_router(load_router(tmp), examples)
+            router = load_router(tmp)
+            calibration = calibrate_router(router, examples, cfg.unknown_keep)
+            save_router(router, tmp)
+            summary["calibration"] = calibration
+            logger.info("router calibrated on %s: temperature %.3f, ECE %.4f -> %.4f, unknown below %.4f", val_path,
+                        calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
+                        calibration["unknown_threshold"])
+            report = evaluate_router(router, examples)
             summary["val"] = report.to_dict()
             logger.info("router on %s (%d images):\n%s", val_path, report.n, report.format_table())
+        else:
+            logger.warning("no %s: the router keeps temperature 1 and never routes to 'unknown'", val_path)
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return Path(cfg.out_dir)
 

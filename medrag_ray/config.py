@@ -655,6 +655,9 @@ class TrainRouterConfig:
     out_dir: str = "artifacts/models/router"
     domains: tuple[str, ...] = ()
     """The router's classes (``[]`` = every domain in the training split)."""
+    unknown_keep: float = 0.99
+    """Share of the validation images (all of known domains) whose calibrated confidence must stay above the
+    unknown-domain threshold; the rest of the confidence range routes to "unknown". 1 = never "unknown"."""
     run_name: str = "router"
     overwrite: bool = False
     train: TrainLoopConfig = TrainLoopConfig(epochs=6, lr=5e-4)
@@ -662,6 +665,10 @@ class TrainRouterConfig:
     ray: RayConfig = RayConfig(num_cpus=4)
 
     def __post_init__(self) -> None:
+        if not 0.5 <= self.unknown_keep <= 1.0:
+            raise ConfigError(
+                f"unknown_keep must be in [0.5, 1] (1 = never route to 'unknown'), got {self.unknown_keep}"
+            )
         for name in ("dataset_dir", "init_encoder_dir", "out_dir", "run_name"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"{name} must not be empty")
@@ -1146,6 +1153,10 @@ class EvaluateConfig:
     """The RAG-SFT reader: the no-retrieval, fixed-k and adaptive-k rows, and FT RAG / JOMED's reader."""
     rag_pt_reader_dirs: tuple[str, ...] = ("artifacts/data/dpo/stage1/reader", "artifacts/models/reader_dpo")
     """One ``+ RAG-PT stage <i>`` row per reader (``jobs/train_dpo.py``'s stage readers); missing ones are skipped."""
+    ground_truth_dir: str = "artifacts/data/synthetic"
+    """A synthetic dataset directory (``manifest.json`` with each case's phenotype and findings, ``corpus.parquet``)
+    of ``samples_path``: adds the diagnostics rows (oracle context, retrieval phenotype precision, majority of
+    reports). Empty, or a directory without a manifest (real data), skips them."""
     context: ReaderContextConfig = ReaderContextConfig()
     """Router, index, prompt style and the adaptive-k settings of the adaptive rows."""
     fixed_k: int = 3

@@ -234,7 +234,8 @@ class Ingress:
     @app.post("/v1/answer", response_model=AnswerResponse, responses=_ERRORS, openapi_extra=_BODY)
     async def answer(self, request: Request) -> JSONResponse:
         """Route the image, retrieve from its domain's index and answer (see ``AnswerRequest``)."""
-        from medrag_ray.serving.answer import ReaderAnswer, Retrieved, response_body
+        from medrag_ray.data.schema import UNKNOWN_DOMAIN
+        from medrag_ray.serving.answer import ReaderAnswer, Retrieved, response_body, unknown_domain
 
         t0 = time.perf_counter()
         try:
@@ -249,8 +250,10 @@ class Ingress:
             else:
                 domain, confidence = query.domain, None
             t2 = time.perf_counter()
-            retrieved: Retrieved = await self._call(
-                self.retrievers[domain].retrieve.remote(parsed.image, query, confidence))
+            if domain == UNKNOWN_DOMAIN:  # no index fits the image: answer from the image alone
+                retrieved: Retrieved = unknown_domain(confidence)
+            else:
+                retrieved = await self._call(self.retrievers[domain].retrieve.remote(parsed.image, query, confidence))
             t3 = time.perf_counter()
             answer: ReaderAnswer = await self._call(self.reader.read.remote(parsed.image, query, retrieved))
             t4 = time.perf_counter()

@@ -47,12 +47,15 @@ class AnswerResponse(BaseModel):
     answer: str
     task: str
     probabilities: dict[str, float] | None = Field(None, description="Per-class probabilities (closed questions)")
-    domain: str
-    domain_confidence: float | None = Field(None, description="The router's probability; null if domain was given")
+    domain: str = Field(description="The indexed domain retrieved from, or 'unknown' when the router could not place "
+                        "the image in one (then nothing is retrieved and the reader answers from the image alone)")
+    domain_confidence: float | None = Field(None, description="The router's calibrated probability of its top domain; "
+                                            "null if domain was given")
     evidence: list[EvidenceItem]
     k_kept: int
     fusion: str
-    retriever: str = Field(description="fine-tuned (the index's retriever) or jomed (distilled heads)")
+    retriever: str = Field(description="fine-tuned (the index's retriever), jomed (distilled heads) or none "
+                           "(domain 'unknown')")
     ifa: bool
     consistency: Consistency | None
     reader: str

@@ -29,6 +29,8 @@ DOMAINS: tuple[str, ...] = ("radiology", "ophthalmology", "pathology", "dermatol
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ANSWER_TYPES: tuple[str, ...] = ("closed", "open", "report", "label", "")
 PAIR_TYPES: tuple[str, ...] = ("cm", "oa1", "oa2", "unknown")
+UNKNOWN_DOMAIN = "unknown"
+"""The route of an image the router cannot place in one of its indexed domains (answered without retrieval)."""
 
 
 class RecordError(ValueError):

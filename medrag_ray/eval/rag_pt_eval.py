@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,13 +22,22 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from medrag_ray.data.schema import Sample
+from medrag_ray.data.schema import CorpusDoc, Sample
 from medrag_ray.eval.alignment import alignment_report
+from medrag_ray.eval.bootstrap import bootstrap_interval, paired_bootstrap
 from medrag_ray.eval.classification import classification_report
 from medrag_ray.eval.consistency import consistency_analysis
+from medrag_ray.eval.diagnostics import (
+    CaseTruth,
+    finding_kinds,
+    kept_distribution,
+    oracle_contexts,
+    retrieval_quality,
+    similarity_curve,
+)
 from medrag_ray.mining.miner import MiningSettings, PreferenceMiner, outcomes_of
 from medrag_ray.reader.answers import YES_NO, normalize_closed
-from medrag_ray.reader.context import reader_input, retrieve_contexts
+from medrag_ray.reader.context import SampleContext, contexts_of, reader_input, retrieve_contexts, retrieve_for
 from medrag_ray.reader.engine import fuse_candidate_probs
 from medrag_ray.retrieval.distill import score_candidates
 from medrag_ray.retrieval.retrieval_config import RetrievalConfig
@@ -42,10 +52,25 @@ class ClosedPredictions:
     domains: tuple[str, ...]
     labels: tuple[str, ...]
     p_yes: np.ndarray
+    kinds: tuple[str | None, ...] = ()
+    """Each sample's finding kind (``visible`` / ``subtle``, :func:`~medrag_ray.eval.diagnostics.finding_kinds`);
+    empty or None entries where the data has none."""
 
     @property
     def answers(self) -> list[str]:
         return ["yes" if p >= 0.5 else "no" for p in self.p_yes]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return np.asarray([a == y for a, y in zip(self.answers, self.labels, strict=True)], dtype=np.float64)
+
+    def kind_indices(self) -> dict[str, list[int]]:
+        """``{kind: sample indices}`` over the kinds present, sorted by name."""
+        out: dict[str, list[int]] = {}
+        for i, kind in enumerate(self.kinds):
+            if kind:
+                out.setdefault(kind, []).append(i)
+        return dict(sorted(out.items()))
 
 
 def references(samples: Sequence[Sample]) -> tuple[str, ...]:
@@ -74,6 +99,46 @@ def grouped_metrics(pred: ClosedPredictions) -> dict[str, dict[str, float]]:
     return out
 
 
+def _subset(pred: ClosedPredictions, idx: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = closed_metrics([pred.labels[i] for i in idx], pred.p_yes[list(idx)])
+    out["accuracy_ci"] = list(bootstrap_interval(pred.correct[list(idx)]))
+    return out
+
+
+def ablation_rows(
+    preds: Mapping[str, ClosedPredictions], compare_to: Mapping[str, str] | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The rows of an ablation in order, machine-readable: each row's name, n, accuracy (with its 95% bootstrap
+    interval), macro F1, AUROC, its metrics per domain and per finding kind, and ``vs_above``: the paired
+    bootstrap difference in accuracy (:func:`~medrag_ray.eval.bootstrap.paired_bootstrap`), overall and per
+    kind, to the row above -- or to the row ``compare_to[name]`` names (a row of ``preds``)."""
+    rows: list[dict[str, Any]] = []
+    previous: tuple[str, ClosedPredictions] | None = None
+    for name, pred in preds.items():
+        if compare_to and name in compare_to:
+            if compare_to[name] not in preds:
+                raise ValueError(f"row {name!r} is compared to {compare_to[name]!r}, which is not a row")
+            previous = (compare_to[name], preds[compare_to[name]])
+        overall = _subset(pred, range(len(pred.labels)))
+        by_domain = {d: m for d, m in grouped_metrics(pred).items() if d != OVERALL}
+        kinds = pred.kind_indices()
+        row: dict[str, Any] = {"name": name, **overall, "by_domain": by_domain,
+                               "by_kind": {k: _subset(pred, idx) for k, idx in kinds.items()}, "vs_above": None}
+        if previous is not None:
+            above_name, above = previous
+            if above.labels != pred.labels:
+                raise ValueError(f"rows {above_name!r} and {name!r} are not on the same questions; cannot pair them")
+            a, b = pred.correct, above.correct
+            row["vs_above"] = {
+                "row": above_name,
+                **paired_bootstrap(a, b, seed=seed).to_dict(),
+                "by_kind": {k: paired_bootstrap(a[idx], b[idx], seed=seed).to_dict() for k, idx in kinds.items()},
+            }
+        rows.append(row)
+        previous = (name, pred)
+    return rows
+
+
 def predict_closed(
     engine: Any,
     retriever: Any,
@@ -84,14 +149,26 @@ def predict_closed(
     route: bool = True,
 ) -> ClosedPredictions:
     """p(yes) of the reader, without retrieval (``retrieval=None``) or with the kept retrieved context."""
-    labels = references(samples)
-    if retrieval is None:
-        inputs = [reader_input(s, im, None, style) for s, im in zip(samples, images, strict=True)]
-    else:
+    contexts = None
+    if retrieval is not None:
         contexts = retrieve_contexts(retriever, samples, images, retrieval, route=route, with_images=style == "jomed")
-        inputs = [reader_input(s, im, c, style) for s, im, c in zip(samples, images, contexts, strict=True)]
+    return predict_with_contexts(engine, samples, images, contexts, style)
+
+
+def predict_with_contexts(
+    engine: Any,
+    samples: Sequence[Sample],
+    images: Sequence[Image.Image],
+    contexts: Sequence[SampleContext] | None,
+    style: str = "mmed",
+) -> ClosedPredictions:
+    """p(yes) of the reader with the given context per sample (None: no retrieval)."""
+    labels = references(samples)
+    per_sample = contexts if contexts is not None else [None] * len(samples)
+    inputs = [reader_input(s, im, c, style) for s, im, c in zip(samples, images, per_sample, strict=True)]
     probs = engine.score_closed(inputs, YES_NO).probs
-    return ClosedPredictions(tuple(s.domain for s in samples), labels, np.asarray(probs[:, 0], dtype=np.float64))
+    return ClosedPredictions(tuple(s.domain for s in samples), labels, np.asarray(probs[:, 0], dtype=np.float64),
+                             finding_kinds(samples))
 
 
 def alignment_rates(
@@ -102,15 +179,35 @@ def alignment_rates(
     return alignment_report(outcomes_of(outcomes))
 
 
-def ablation_markdown(rows: Mapping[str, Mapping[str, Mapping[str, float]]], title: str) -> str:
-    """One line per ablation row: overall accuracy / F1 / AUROC, then accuracy per domain."""
-    domains = sorted({d for r in rows.values() for d in r if d != OVERALL})
-    head = "| row | n | accuracy | macro F1 | AUROC | " + " | ".join(f"{d} acc" for d in domains) + " |"
-    lines = [f"# {title}", "", head, "|" + "---|" * (5 + len(domains))]
-    for name, r in rows.items():
-        o = r[OVERALL]
-        per = " | ".join(f"{r[d]['accuracy']:.3f}" if d in r else "-" for d in domains)
-        lines.append(f"| {name} | {o['n']} | {o['accuracy']:.3f} | {o['macro_f1']:.3f} | {o['auroc']:.3f} | {per} |")
+def _difference(d: Mapping[str, Any] | None, above: str | None = None) -> str:
+    if d is None:
+        return "-"
+    text = f"{d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    return text if "row" not in d or d["row"] == above else f"{text} vs {d['row']}"
+
+
+def ablation_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
+    """One line per :func:`ablation_rows` row: overall accuracy / F1 / AUROC with the paired difference to the
+    row above (95% CI), accuracy per finding kind with its difference, then accuracy per domain."""
+    domains = sorted({d for r in rows for d in r["by_domain"]})
+    kinds = sorted({k for r in rows for k in r["by_kind"]})
+    head = ["row", "n", "accuracy", "Δ vs row above [95% CI]", "macro F1", "AUROC"]
+    for k in kinds:
+        head += [f"{k} acc", f"{k} Δ [95% CI]"]
+    head += [f"{d} acc" for d in domains]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    previous = None
+    for r in rows:
+        above = r["vs_above"]
+        cells = [r["name"], str(r["n"]), f"{r['accuracy']:.3f}", _difference(above, previous), f"{r['macro_f1']:.3f}",
+                 f"{r['auroc']:.3f}"]
+        for k in kinds:
+            m = r["by_kind"].get(k)
+            cells += [f"{m['accuracy']:.3f} (n={m['n']})" if m else "-",
+                      _difference(above["by_kind"].get(k) if above else None)]
+        cells += [f"{r['by_domain'][d]['accuracy']:.3f}" if d in r["by_domain"] else "-" for d in domains]
+        lines.append("| " + " | ".join(cells) + " |")
+        previous = r["name"]
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +247,7 @@ def jomed_comparison(
         w = np.exp((np.asarray(q.scores) - max(q.scores)) / temperature)
         weights[i, :n] = w / w.sum()
     fused = fuse_candidate_probs(cand, weights)
-    jomed = ClosedPredictions(ft.domains, labels, fused[:, 0])
+    jomed = ClosedPredictions(ft.domains, labels, fused[:, 0], ft.kinds)
     per_candidate = [[YES_NO[int(np.argmax(p))] for p in q.class_probs] for q in scored]
     analysis = consistency_analysis(
         labels, per_candidate, {"ft_rag": ft.answers, "jomed": jomed.answers}, YES_NO
@@ -169,4 +266,99 @@ def jomed_markdown(analysis: Mapping[str, Any], title: str) -> str:
             f"{m['jomed']['accuracy']:.3f} | {m['jomed']['macro_f1']:.3f} | {s['oracle_accuracy']:.3f} |"
         )
     lines += ["", f"Inconsistent share (JOMED Table 6): {analysis['inconsistent_share']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Per-case truth and the corpus it indexes (synthetic data): enables the diagnostics rows."""
+
+    cases: Mapping[str, CaseTruth]
+    corpus: Sequence[CorpusDoc]
+
+
+NO_RETRIEVAL = "reader, no retrieval"
+
+
+def closed_ablation(
+    sft: Any,
+    stage_engines: Sequence[Any],
+    retriever: Any,
+    samples: Sequence[Sample],
+    images: Sequence[Image.Image],
+    adaptive: RetrievalConfig,
+    fixed_k: int,
+    style: str = "mmed",
+    route: bool = True,
+    truth: GroundTruth | None = None,
+) -> dict[str, Any]:
+    """The ablation of MMed-RAG Table 2's shape and the diagnostics that tell which stage fails.
+
+    ``rows`` (each with the paired difference to the row above): the SFT reader without retrieval, with a fixed
+    k, with adaptive-k (``adaptive``'s rule), then each RAG-PT stage's reader with adaptive-k.
+    ``diagnostics`` (each against the row it names): the reference code's ratio rule against the fixed k, and,
+    with ``truth``, the SFT reader with oracle context (k reports of the query's phenotype) against no retrieval.
+    ``retrieval``: with ``truth``, :func:`~medrag_ray.eval.diagnostics.retrieval_quality` per head (text / image)
+    at the fixed k and for the adaptive rule; ``adaptive_k``: kept-count distributions and Fig. 2's curve."""
+    fixed = dataclasses.replace(adaptive, k=max(adaptive.k, fixed_k), k_max=fixed_k, adaptive="none")
+    ratio = dataclasses.replace(adaptive, adaptive="ratio")
+    with_images = style == "jomed"
+
+    def retrieve(cfg: RetrievalConfig) -> list[Any]:
+        return retrieve_for(retriever, samples, images, cfg, route=route)
+
+    results = {"fixed": retrieve(fixed), adaptive.adaptive: retrieve(adaptive), "ratio": retrieve(ratio)}
+    contexts = {name: contexts_of(r, with_images=with_images) for name, r in results.items()}
+
+    def predict(engine: Any, ctx: Sequence[SampleContext] | None) -> ClosedPredictions:
+        return predict_with_contexts(engine, samples, images, ctx, style)
+
+    fixed_name, adaptive_name = f"+ retrieval (fixed k={fixed_k})", f"+ adaptive-k ({adaptive.adaptive})"
+    preds = {NO_RETRIEVAL: predict(sft, None), fixed_name: predict(sft, contexts["fixed"]),
+             adaptive_name: predict(sft, contexts[adaptive.adaptive])}
+    for i, engine in enumerate(stage_engines, start=1):
+        preds[f"+ RAG-PT stage {i}"] = predict(engine, contexts[adaptive.adaptive])
+    ratio_name = f"adaptive-k (ratio, tau={ratio.tau:g}; reference code)"
+    diagnostic = {fixed_name: preds[fixed_name], ratio_name: predict(sft, contexts["ratio"])}
+    compare = {ratio_name: fixed_name}
+    quality: dict[str, Any] = {}
+    if truth is not None:
+        oracle_name = f"reader, oracle context ({fixed_k} reports of the query's phenotype)"
+        oracle = oracle_contexts(samples, truth.corpus, truth.cases, fixed_k)
+        diagnostic.update({NO_RETRIEVAL: preds[NO_RETRIEVAL], oracle_name: predict(sft, oracle)})
+        compare[oracle_name] = NO_RETRIEVAL
+        image_head = retrieve(dataclasses.replace(fixed, mode="image"))
+        quality = {
+            f"{fixed.mode} head, fixed k={fixed_k}": retrieval_quality(samples, results["fixed"], truth.cases),
+            f"{fixed.mode} head, {adaptive.adaptive}": retrieval_quality(samples, results[adaptive.adaptive],
+                                                                          truth.cases),
+            f"image head, fixed k={fixed_k}": retrieval_quality(samples, image_head, truth.cases),
+        }
+    return {
+        "rows": ablation_rows(preds),
+        "diagnostics": ablation_rows(diagnostic, compare_to=compare),
+        "retrieval": quality,
+        "adaptive_k": {
+            "kept": {adaptive.adaptive: kept_distribution(contexts[adaptive.adaptive]),
+                     "ratio": kept_distribution(contexts["ratio"])},
+            "similarity_curve": similarity_curve(results[adaptive.adaptive]),
+            "top_k": adaptive.k,
+            "fixed_k": fixed_k,
+            "rule": adaptive.adaptive,
+        },
+    }
+
+
+def retrieval_markdown(quality: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """One line per (head, domain): phenotype precision of the kept documents, mean kept, majority-of-reports
+    accuracy on subtle questions."""
+    if not quality:
+        return ""
+    lines = ["", "Retrieval that matters for answers (no reader: the kept reports' majority answers subtle "
+             "questions)", "", "| retrieval | domain | n | phenotype precision | mean kept | majority acc "
+             "(subtle) | n subtle |", "|---|---|---|---|---|---|---|"]
+    for head, per in quality.items():
+        for domain, q in per.items():
+            lines.append(f"| {head} | {domain} | {q['n']} | {q['phenotype_precision']:.3f} | {q['mean_kept']:.2f} "
+                         f"| {q['majority_accuracy_subtle']:.3f} | {q['n_subtle']} |")
     return "\n".join(lines) + "\n"

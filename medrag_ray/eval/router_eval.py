@@ -20,7 +20,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medrag_ray.data.readers.common import load_image
-from medrag_ray.data.schema import Sample
+from medrag_ray.data.schema import UNKNOWN_DOMAIN, Sample
+from medrag_ray.eval.calibration import confidence_ece
 from medrag_ray.eval.classification import classification_report
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,10 @@ def router_report(
         raise ValueError("router_report got no samples")
     domains = tuple(router_domains)
     known = [i for i, s in enumerate(samples) if s.domain in domains]
+    predicted = [predictions[i][0] for i in known]
+    labels = (*domains, UNKNOWN_DOMAIN) if UNKNOWN_DOMAIN in predicted else domains
     report = (
-        classification_report(
-            [samples[i].domain for i in known], [predictions[i][0] for i in known], labels=domains
-        ).to_dict()
+        classification_report([samples[i].domain for i in known], predicted, labels=labels).to_dict()
         if known
         else None
     )
@@ -92,6 +93,8 @@ def router_report(
             u["sources"][s.source] += 1
     confidences = np.array([c for _, c in predictions], dtype=np.float64)
     right = np.array([samples[i].domain == predictions[i][0] for i in range(len(samples))])
+    routed_unknown = np.array([p == UNKNOWN_DOMAIN for p, _ in predictions])
+    known_mask = np.array([s.domain in domains for s in samples])
     return {
         "router_domains": list(domains),
         "n_total": len(samples),
@@ -120,7 +123,17 @@ def router_report(
             "correct": round(float(confidences[right].mean()), 6) if right.any() else None,
             "wrong": round(float(confidences[~right].mean()), 6) if (~right).any() else None,
         },
+        "ece": round(confidence_ece(confidences[known_mask], right[known_mask]), 6) if known_mask.any() else None,
+        "routed_unknown": {
+            "known_domains": _share(routed_unknown[known_mask]),
+            "unknown_domains": _share(routed_unknown[~known_mask]),
+        },
     }
+
+
+def _share(flags: np.ndarray) -> dict[str, Any]:
+    return {"n": int(len(flags)), "routed_unknown": int(flags.sum()),
+            "rate": round(float(flags.mean()), 6) if len(flags) else None}
 
 
 def _known_accuracy(entry: Mapping[str, Any], domains: Sequence[str]) -> float | None:
@@ -168,4 +181,8 @@ def router_markdown(result: Mapping[str, Any], title: str) -> str:
     unknown = unknown_domain_lines(result)
     if unknown:
         lines += ["", *(f"- {line}" for line in unknown)]
+    known, other = result["routed_unknown"]["known_domains"], result["routed_unknown"]["unknown_domains"]
+    lines += ["", f"Routed to 'unknown': {known['routed_unknown']} of {known['n']} images of the router's domains"
+              + (f", {other['routed_unknown']} of {other['n']} images of other domains" if other["n"] else "")
+              + (f". Expected calibration error {result['ece']:.4f}." if result["ece"] is not None else ".")]
     return "\n".join(lines) + "\n"

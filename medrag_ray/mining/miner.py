@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from medrag_ray.data.readers.common import load_image
-from medrag_ray.data.schema import PreferencePair, RecordError, Sample, dumps_meta
+from medrag_ray.data.schema import UNKNOWN_DOMAIN, PreferencePair, RecordError, Sample, dumps_meta
 from medrag_ray.mining.noise import noisy_image, sample_seed
 from medrag_ray.mining.rules import NO_RAG, NOISY_NO_RAG, NOISY_RAG, RAG, ReaderOutcomes, mine
 from medrag_ray.reader.answers import YES_NO, normalize_closed
@@ -115,6 +115,14 @@ class PreferenceMiner:
         contexts = retrieve_contexts(
             self.retriever, ok_samples, images, cfg.retrieval, route=cfg.route, with_images=cfg.style == "jomed"
         )
+        routed = [i for i, c in enumerate(contexts) if c.domain != UNKNOWN_DOMAIN]
+        for i in sorted(set(range(len(good))) - set(routed)):  # nothing retrieved: no preference to mine
+            result.rejects.append(Reject(good[i][0].id, "domain", "the router placed the image in no indexed domain "
+                                         "(routed 'unknown'); mine it with route=false or index its domain"))
+        good, contexts, images = [good[i] for i in routed], [contexts[i] for i in routed], [images[i] for i in routed]
+        ok_samples = [g[0] for g in good]
+        if not good:
+            return result
         sources = self.retriever.least_similar_docs(images, [c.domain for c in contexts])
         noisy: list[Image.Image] = []
         minable: list[int] = []

@@ -4,6 +4,11 @@ The paper fine-tunes BiomedCLIP's image encoder as a domain classifier; the rout
 tower of a :class:`~medrag_ray.models.dual_encoder.DualEncoder` (tiny from a config, or real from disk via
 ``load_dual_encoder`` + :func:`router_from_encoder`) followed by a linear layer on the L2-normalized
 image embedding: ``logits = W · normalize(E_img(x)) + b``. Training updates tower and head together.
+
+Confidence: ``softmax(logits / temperature)``, the temperature fitted on validation images after training
+(:mod:`medrag_ray.eval.calibration`; 1 until then). A calibrated confidence below ``unknown_threshold`` routes
+to :data:`UNKNOWN_DOMAIN` -- an image of a domain the router does not know -- instead of guessing (0 = never).
+Both are stored in the router's card.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medrag_ray.data.schema import DOMAINS
+from medrag_ray.data.schema import DOMAINS, UNKNOWN_DOMAIN
 from medrag_ray.models.common import (
     ModelCard,
     ModelLoadError,
@@ -54,13 +59,29 @@ def _check_domains(domains: Sequence[str]) -> tuple[str, ...]:
 class DomainRouter(nn.Module):
     """Image tower + linear head; ``forward(pixels) -> logits [B, n_domains]`` in the order of ``domains``."""
 
-    def __init__(self, encoder: DualEncoder, domains: Sequence[str]) -> None:
+    def __init__(
+        self, encoder: DualEncoder, domains: Sequence[str], temperature: float = 1.0, unknown_threshold: float = 0.0
+    ) -> None:
         super().__init__()
         self.domains: tuple[str, ...] = _check_domains(domains)
         self.encoder = encoder
         self.head = nn.Linear(encoder.embed_dim, len(self.domains)).to(
             device=encoder.device, dtype=encoder.dtype
         )
+        self.set_calibration(temperature, unknown_threshold)
+
+    def set_calibration(self, temperature: float, unknown_threshold: float) -> None:
+        """Use ``softmax(logits / temperature)`` as confidence; below ``unknown_threshold`` is an unknown domain."""
+        if not temperature > 0:
+            raise ValueError(f"router temperature must be > 0, got {temperature}")
+        if not 0.0 <= unknown_threshold < 1.0:
+            raise ValueError(f"router unknown_threshold must be in [0, 1), got {unknown_threshold}")
+        self.temperature = float(temperature)
+        self.unknown_threshold = float(unknown_threshold)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated domain probabilities ``softmax(logits / temperature)``."""
+        return torch.softmax(logits.detach().float() / self.temperature, dim=-1)
 
     @property
     def device(self) -> torch.device:
@@ -78,10 +99,11 @@ class DomainRouter(nn.Module):
         return self.head(self.features(pixels))
 
     def predictions_from_logits(self, logits: torch.Tensor) -> list[tuple[str, float]]:
-        """(argmax domain, its softmax probability) per row of ``logits``."""
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        conf, idx = probs.max(dim=-1)
-        return [(self.domains[i], float(c)) for i, c in zip(idx.tolist(), conf.tolist(), strict=True)]
+        """(argmax domain, its calibrated probability) per row of ``logits``; :data:`UNKNOWN_DOMAIN` (with that
+        probability) when it is below ``unknown_threshold``."""
+        conf, idx = self.probabilities(logits).max(dim=-1)
+        return [(self.domains[i] if c >= self.unknown_threshold else UNKNOWN_DOMAIN, float(c))
+                for i, c in zip(idx.tolist(), conf.tolist(), strict=True)]
 
     @torch.no_grad()
     def predict(
@@ -126,7 +148,8 @@ def save_router(router: DomainRouter, directory: str | Path) -> Path:
         ModelCard(
             kind="router",
             config={"encoder": encoder_cfg.to_dict() if encoder_cfg is not None else None},
-            extra={"domains": list(router.domains), "encoder_dir": ENCODER_SUBDIR},
+            extra={"domains": list(router.domains), "encoder_dir": ENCODER_SUBDIR,
+                   "temperature": router.temperature, "unknown_threshold": router.unknown_threshold},
         ),
     )
     logger.info("saved router over %s to %s", list(router.domains), out)
@@ -151,7 +174,8 @@ def load_router(directory: str | Path, *, device: str = "cpu", dtype: str = "aut
     encoder = load_dual_encoder(
         path / str(card.extra.get("encoder_dir", ENCODER_SUBDIR)), device=device, dtype=dtype
     )
-    router = DomainRouter(encoder, domains)
+    router = DomainRouter(encoder, domains, float(card.extra.get("temperature", 1.0)),
+                          float(card.extra.get("unknown_threshold", 0.0)))
     try:
         router.head.load_state_dict(load_state_dict(path, stem=HEAD_STEM))
     except RuntimeError as exc:

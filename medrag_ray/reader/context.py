@@ -112,14 +112,30 @@ def retrieve_contexts(
     with_images: bool = False,
 ) -> list[SampleContext]:
     """Kept retrieval per sample; ``route=False`` uses each sample's labelled domain instead of the router."""
+    return contexts_of(retrieve_for(retriever, samples, images, cfg, route=route), with_images=with_images)
+
+
+def retrieve_for(
+    retriever: object,
+    samples: Sequence[Sample],
+    images: Sequence[Image.Image],
+    cfg: RetrievalConfig,
+    *,
+    route: bool = True,
+) -> list[Any]:
+    """The retriever's results (every top-k hit, kept or not) per sample, each sample's own case excluded."""
     domains = None if route else [s.domain for s in samples]
-    results = retriever.retrieve(  # type: ignore[attr-defined]
+    return retriever.retrieve(  # type: ignore[attr-defined]
         list(images),
         [s.question or None for s in samples],
         domains=domains,
         cfg=cfg,
         exclude_ids=[self_doc_ids(s) for s in samples],
     )
+
+
+def contexts_of(results: Sequence[Any], *, with_images: bool = False) -> list[SampleContext]:
+    """The kept hits of each retrieval result as the reader's context."""
     out = []
     for result in results:
         kept = result.kept_hits

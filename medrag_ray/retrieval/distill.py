@@ -170,7 +170,8 @@ def score_candidates(
     out = []
     by_domain: dict[str, list[int]] = {}
     for i, result in enumerate(results):
-        by_domain.setdefault(result.domain, []).append(i)
+        if result.hits:  # an image routed to no indexed domain has no candidate to score
+            by_domain.setdefault(result.domain, []).append(i)
     base_emb: dict[int, np.ndarray] = {}
     question_emb: dict[int, np.ndarray] = {}
     for domain, members in by_domain.items():

@@ -36,9 +36,10 @@ Decisions (documented behaviour, tested):
   such documents) has ``sim(q_img, d_img) = 0`` in the fused score; a query without a question (``None``
   or ``""``) has ``sim(q_txt, d_txt) = 0`` -- the same as dropping the gamma term
   (:mod:`medrag_ray.retrieval.fusion`), also inside a batch that mixes both kinds.
-* Routing only chooses among domains that have an index: the router's softmax is computed over all its
-  domains, the argmax is taken over the indexed ones, and ``domain_confidence`` is that domain's
-  probability. Explicit ``domains=`` skip the router; their ``domain_confidence`` is ``None``.
+* Routing never guesses: the router's calibrated softmax is computed over all its domains; an image whose most
+  probable domain has no index, or whose top probability is under the router's ``unknown_threshold``, gets
+  the domain ``"unknown"`` (``UNKNOWN_DOMAIN``) and no hits, so the reader answers it without retrieval.
+  ``domain_confidence`` is the top probability. Explicit ``domains=`` skip the router (confidence ``None``).
 * Every hit of the top-k is returned with ``kept`` flags (the first ``k_kept``), so rules can be compared
   on the same retrieval. Slots an approximate index could not fill are dropped (never padded).
 * ``from_artifacts`` checks that each domain's retriever reproduces a few stored text embeddings
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from medrag_ray.data.schema import CORPUS_SCHEMA, CorpusDoc, RecordError, from_rows
+from medrag_ray.data.schema import CORPUS_SCHEMA, UNKNOWN_DOMAIN, CorpusDoc, RecordError, from_rows
 from medrag_ray.mining.noise import least_similar
 from medrag_ray.models.common import (
     ModelCard,
@@ -646,24 +647,28 @@ def _adaptive_k(scores: np.ndarray, cfg: RetrievalConfig, temperature: float) ->
 def route_images(
     router: DomainRouter, images: Sequence[Image.Image], allowed: Collection[str], batch_size: int = 64
 ) -> list[tuple[str, float]]:
-    """F(x_v) per image restricted to ``allowed`` domains: ``(domain, its softmax probability)``.
+    """F(x_v) per image: ``(domain, its calibrated probability)``, or ``(UNKNOWN_DOMAIN, the top probability)``.
 
-    The softmax is over all the router's domains; the argmax is taken over the allowed (indexed) ones.
+    The softmax (at the router's calibrated temperature) is over all the router's domains. An image whose most
+    probable domain has no index (``allowed``), or whose top probability is below the router's
+    ``unknown_threshold``, is of an unknown domain: it is answered without retrieval rather than sent to the
+    index of a domain it does not belong to.
     """
     mask = torch.tensor([d in allowed for d in router.domains], device=router.device)
     if not bool(mask.any()):
         raise ValueError(f"the router's domains {list(router.domains)} include none of {sorted(allowed)}")
     out: list[tuple[str, float]] = []
-    rerouted = 0
+    unknown = 0
     for start in range(0, len(images), batch_size):
-        logits = router(router.preprocess(list(images[start : start + batch_size]))).float()
-        probs = torch.softmax(logits, dim=-1)
-        best = probs.masked_fill(~mask, -1.0).argmax(dim=-1)
-        rerouted += int((best != probs.argmax(dim=-1)).sum())
-        conf = probs.gather(1, best[:, None]).squeeze(1)
-        out.extend((router.domains[i], float(c)) for i, c in zip(best.tolist(), conf.tolist(), strict=True))
-    if rerouted:
-        logger.info("%d of %d images were routed to their best INDEXED domain", rerouted, len(images))
+        probs = router.probabilities(router(router.preprocess(list(images[start : start + batch_size]))))
+        conf, best = probs.max(dim=-1)
+        for i, c in zip(best.tolist(), conf.tolist(), strict=True):
+            known = bool(mask[i]) and c >= router.unknown_threshold
+            unknown += not known
+            out.append((router.domains[i] if known else UNKNOWN_DOMAIN, float(c)))
+    if unknown:
+        logger.info("%d of %d images are of an unknown or unindexed domain (answered without retrieval)", unknown,
+                    len(images))
     return out
 
 
@@ -840,6 +845,8 @@ class MultimodalRetriever:
         for i, (domain, _) in enumerate(routed):
             groups.setdefault(domain, []).append(i)
         results: list[RetrievalResult | None] = [None] * n
+        for i in groups.pop(UNKNOWN_DOMAIN, []):
+            results[i] = RetrievalResult(UNKNOWN_DOMAIN, routed[i][1], [], 0, mode=cfg.mode)
         for domain, members in groups.items():
             res = self._resources[domain]
             group_questions = [questions[i] for i in members] if questions is not None else None

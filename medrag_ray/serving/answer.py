@@ -2,7 +2,8 @@
 
 The three steps are separate so Ray Serve can run each as its own autoscaling deployment (``serve/``):
 
-* **route** -- :func:`~medrag_ray.retrieval.retriever.route_images`: F(x_v) among the indexed domains.
+* **route** -- :func:`~medrag_ray.retrieval.retriever.route_images`: F(x_v) among the indexed domains, or
+  ``"unknown"`` (no retrieval: the reader answers from the image alone) when it cannot place the image.
 * **retrieve** -- :class:`EvidenceRetriever`: the domain's top-k and adaptive-k (``fusion=concat``), or the K
   candidates of JOMED's distilled text head with their weights p_R = softmax(s / tau) (``fusion=jomed``).
 * **read** -- :func:`plan_read` builds the reader inputs of one request, :func:`run_plans` runs the plans of many
@@ -36,6 +37,7 @@ from PIL import Image
 
 from medrag_ray.config import ServeConfig
 from medrag_ray.data.readers.common import load_image
+from medrag_ray.data.schema import UNKNOWN_DOMAIN
 from medrag_ray.models.tokenizer import AnswerTokenError
 from medrag_ray.reader.prompts import (
     ReaderInput,
@@ -105,6 +107,11 @@ class Retrieved:
     @property
     def kept(self) -> list[int]:
         return [i for i, e in enumerate(self.evidence) if e.kept]
+
+
+def unknown_domain(confidence: float | None) -> Retrieved:
+    """The evidence of an image the router could not place in an indexed domain: none (answered without retrieval)."""
+    return Retrieved(UNKNOWN_DOMAIN, confidence, (), (), "none")
 
 
 def retrieval_config(base: RetrievalConfig, query: AnswerQuery, jomed_k: int) -> RetrievalConfig:
@@ -178,10 +185,13 @@ class EvidenceRetriever:
     ) -> list[Retrieved]:
         """Evidence per request; requests with the same retrieval settings share one batched search."""
         groups: dict[tuple[RetrievalConfig, bool], list[int]] = {}
+        out: list[Retrieved | None] = [None] * len(queries)
         for i, (query, (domain, _)) in enumerate(zip(queries, routed, strict=True)):
+            if domain == UNKNOWN_DOMAIN:
+                out[i] = unknown_domain(routed[i][1])
+                continue
             use_jomed = query.fusion == "jomed" and self.jomed is not None and domain in self.jomed.domains
             groups.setdefault((retrieval_config(self.cfg.retrieval, query, self.cfg.jomed_k), use_jomed), []).append(i)
-        out: list[Retrieved | None] = [None] * len(queries)
         for (rcfg, use_jomed), members in groups.items():
             source = self.jomed if use_jomed else self.retriever
             results = source.retrieve(
@@ -279,7 +289,7 @@ def plan_read(query: AnswerQuery, image: Image.Image, retrieved: Retrieved, styl
     """The reader inputs of one request (see the module docstring for concat, jomed and consistency)."""
     ev, imgs = retrieved.evidence, retrieved.images
     kept = retrieved.kept
-    if query.fusion == "jomed":
+    if query.fusion == "jomed" and (kept or retrieved.domain != UNKNOWN_DOMAIN):
         if not kept:
             raise InputError(422, "fusion", f"domain {retrieved.domain!r} returned no candidate to fuse")
         inputs = tuple(_input(query, image, [ev[i].text], [imgs[i]], retrieved.domain, "jomed") for i in kept)
@@ -372,7 +382,7 @@ def finish_read(plan: ReadPlan, outputs: Sequence[Any]) -> ReaderAnswer:
     if q.task != "closed":
         return ReaderAnswer(str(outputs[0]))
     rows = np.asarray(outputs, dtype=np.float64)
-    if q.fusion == "jomed":
+    if q.fusion == "jomed" and plan.weights:  # no weights: an unknown domain's image, read without candidates
         probs = (rows * np.asarray(plan.weights)[:, None]).sum(axis=0)
         candidates = rows
     else:

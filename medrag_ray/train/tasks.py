@@ -12,11 +12,14 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medrag_ray.data.readers.common import load_image
+from medrag_ray.data.schema import UNKNOWN_DOMAIN
+from medrag_ray.eval.calibration import calibration_summary
 from medrag_ray.eval.classification import ClassificationReport, classification_report
 from medrag_ray.eval.retrieval import dedupe_texts, embed_images, embed_texts, retrieval_metrics
 from medrag_ray.losses.info_nce import clip_info_nce
@@ -112,9 +115,34 @@ def predict_domains(router: DomainRouter, examples: Sequence[LabeledImage], batc
     return out
 
 
+@torch.no_grad()
+def router_logits(router: DomainRouter, examples: Sequence[LabeledImage], batch_size: int = 64) -> np.ndarray:
+    """The router's raw logits ``[n, domains]`` for the examples' images."""
+    rows = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        pixels = router.preprocess([load_image(e.image_bytes, name=f"example {e.id}") for e in chunk])
+        rows.append(router(pixels).float().cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, len(router.domains)), dtype=np.float32)
+
+
+def calibrate_router(router: DomainRouter, examples: Sequence[LabeledImage], keep: float) -> dict[str, float]:
+    """Fit the router's temperature and unknown-domain threshold on labelled (validation) examples of its domains
+    (:func:`medrag_ray.eval.calibration.calibration_summary`), set them on ``router`` and return the summary."""
+    known = [e for e in examples if e.label in router.domains]
+    if not known:
+        raise ValueError(f"no calibration example is of the router's domains {list(router.domains)}")
+    labels = np.asarray([router.domains.index(e.label) for e in known])
+    summary = calibration_summary(router_logits(router, known), labels, keep)
+    router.set_calibration(summary["temperature"], summary["unknown_threshold"])
+    return summary
+
+
 def evaluate_router(router: DomainRouter, examples: Sequence[LabeledImage]) -> ClassificationReport:
     """Per-domain precision/recall and confusion of ``router`` on labelled examples of its domains."""
-    return classification_report([e.label for e in examples], predict_domains(router, examples), router.domains)
+    predicted = predict_domains(router, examples)
+    labels = (*router.domains, UNKNOWN_DOMAIN) if UNKNOWN_DOMAIN in predicted else router.domains
+    return classification_report([e.label for e in examples], predicted, labels)
 
 
 class RouterTask:

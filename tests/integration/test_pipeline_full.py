@@ -176,9 +176,22 @@ def test_evaluation_rows_and_the_jomed_table(built) -> None:  # noqa: ANN001
     closed = [s for s in read_parquet(root / "data" / "synthetic" / "samples_test.parquet", Sample)[:30]
               if s.answer_type == "closed"]
     rows = rag_pt["rows"]
-    assert list(rows)[:3] == ["reader, no retrieval", "+ retrieval (fixed k=3)", "+ adaptive-k (gap)"]
+    assert [r["name"] for r in rows][:3] == ["reader, no retrieval", "+ retrieval (fixed k=3)", "+ adaptive-k (gap)"]
     assert len(rows) == 3 + len(rag_pt["rag_pt_readers"]) and rag_pt["rag_pt_readers"]
-    assert all(r["overall"]["n"] == len(closed) for r in rows.values())
+    assert all(r["n"] == len(closed) for r in rows) and rows[0]["vs_above"] is None
+    for above, row in zip(rows, rows[1:], strict=False):  # each row paired with the one above, per finding kind
+        assert row["vs_above"]["row"] == above["name"]
+        assert row["vs_above"]["difference"] == pytest.approx(row["accuracy"] - above["accuracy"])
+        assert set(row["vs_above"]["by_kind"]) == set(row["by_kind"]) == {"visible", "subtle"}
+    diagnostics = {r["name"]: r for r in rag_pt["diagnostics"]}
+    oracle = diagnostics["reader, oracle context (3 reports of the query's phenotype)"]
+    assert oracle["vs_above"]["row"] == "reader, no retrieval" and oracle["n"] == len(closed)
+    quality = rag_pt["retrieval"]["text head, fixed k=3"]["overall"]
+    assert quality["n"] == len(closed) and 0.0 <= quality["phenotype_precision"] <= 1.0
+    assert sum(rag_pt["adaptive_k"]["kept"]["gap"].values()) == len(closed)
+    report = (root / "eval" / "report.md").read_text()
+    for png in ("ablation", "diagnostics", "similarity_drop", "alignment", "jomed"):
+        assert (root / "eval" / "plots" / f"{png}.png").is_file() and f"plots/{png}.png" in report
     assert rag_pt["alignment"]["rag_sft"]["n"] == len(closed) and "rag_pt" in rag_pt["alignment"]
     assert jomed["all"]["n"] == len(closed) == jomed["consistent"]["n"] + jomed["inconsistent"]["n"]
     assert (root / "eval" / "rag_pt.md").is_file() and (root / "eval" / "jomed.md").is_file()

@@ -11,6 +11,8 @@ from medrag_ray.eval.rag_pt_eval import (
     OVERALL,
     ClosedPredictions,
     ablation_markdown,
+    ablation_rows,
+    closed_ablation,
     closed_metrics,
     grouped_metrics,
     jomed_comparison,
@@ -38,8 +40,50 @@ def test_grouped_metrics_and_markdown() -> None:
     pred = ClosedPredictions(("a", "b", "a", "b"), ("yes", "no", "no", "yes"), np.array([0.8, 0.3, 0.6, 0.7]))
     g = grouped_metrics(pred)
     assert g[OVERALL]["accuracy"] == 0.75 and g["a"]["accuracy"] == 0.5 and g["b"]["accuracy"] == 1.0
-    md = ablation_markdown({"reader": g, "+ retrieval": g}, "t")
-    assert md.count("| reader | 4 | 0.750 |") == 1 and "| + retrieval |" in md and "a acc | b acc" in md
+    md = ablation_markdown(ablation_rows({"reader": pred, "+ retrieval": pred}), "t")
+    assert md.count("| reader | 4 | 0.750 | - |") == 1 and "| + retrieval | 4 | 0.750 | +0.000 [+0.000, +0.000] |" in md
+    assert "a acc | b acc" in md
+
+
+KINDS = ("visible", "subtle", "subtle", "visible")
+LABELS = ("yes", "no", "yes", "no")
+
+
+def test_ablation_rows_pair_each_row_with_the_one_above_by_kind() -> None:
+    none = ClosedPredictions(("a",) * 4, LABELS, np.array([0.9, 0.2, 0.2, 0.1]), KINDS)  # subtle q3 wrong
+    rag = ClosedPredictions(("a",) * 4, LABELS, np.array([0.9, 0.2, 0.8, 0.7]), KINDS)  # q3 right, visible q4 wrong
+    oracle = ClosedPredictions(("a",) * 4, LABELS, np.array([0.9, 0.1, 0.9, 0.2]), KINDS)  # all right
+    rows = ablation_rows({"none": none, "rag": rag, "oracle": oracle}, compare_to={"oracle": "none"})
+    assert [r["name"] for r in rows] == ["none", "rag", "oracle"] and rows[0]["vs_above"] is None
+    assert [r["accuracy"] for r in rows] == [0.75, 0.75, 1.0]
+    assert rows[1]["by_kind"]["subtle"]["accuracy"] == 1.0 and rows[1]["by_kind"]["visible"]["accuracy"] == 0.5
+    rag_vs = rows[1]["vs_above"]
+    assert rag_vs["row"] == "none" and rag_vs["difference"] == 0.0
+    assert rag_vs["by_kind"]["subtle"]["difference"] == 0.5 and rag_vs["by_kind"]["visible"]["difference"] == -0.5
+    assert rows[2]["vs_above"]["row"] == "none" and rows[2]["vs_above"]["difference"] == 0.25
+    lo, hi = rows[2]["accuracy_ci"]
+    assert lo == hi == 1.0
+    md = ablation_markdown(rows, "t")
+    assert "+0.250 [+0.000, +0.750] vs none" in md and "| subtle acc | subtle Δ [95% CI] |" in md
+    with pytest.raises(ValueError, match="same questions"):
+        ablation_rows({"none": none, "other": ClosedPredictions(("a",) * 4, ("no",) * 4, none.p_yes, KINDS)})
+
+
+def test_closed_ablation_rows_and_diagnostics(scripted) -> None:
+    mr, samples, images, *_ = scripted
+    adaptive = RetrievalConfig(k=8, k_max=8, adaptive="gap", gamma=0.1)
+    out = closed_ablation(ScriptedReader(), [ScriptedReader()], mr, samples, images, adaptive, fixed_k=8, route=False)
+    names = [r["name"] for r in out["rows"]]
+    assert names == ["reader, no retrieval", "+ retrieval (fixed k=8)", "+ adaptive-k (gap)", "+ RAG-PT stage 1"]
+    assert out["rows"][0]["accuracy"] == 0.0 and out["rows"][1]["accuracy"] == 1.0  # 8 of 8 documents hold d1
+    assert out["rows"][1]["vs_above"]["difference"] == 1.0 and out["rows"][1]["vs_above"]["ci_low"] == 1.0
+    assert [r["name"] for r in out["diagnostics"]] == ["+ retrieval (fixed k=8)", "adaptive-k (ratio, tau=1.5; "
+                                                       "reference code)"]
+    assert out["retrieval"] == {}  # no ground truth: no oracle row, no phenotype precision
+    kept = out["adaptive_k"]["kept"]
+    assert sum(kept["gap"].values()) == sum(kept["ratio"].values()) == len(samples)
+    curve = out["adaptive_k"]["similarity_curve"]
+    assert curve[0] == 1.0 and all(a >= b for a, b in zip(curve, curve[1:], strict=False))
 
 
 def test_predict_closed_with_and_without_retrieval(scripted) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from medrag_ray.data.schema import Sample
+from medrag_ray.eval.calibration import confidence_ece
 from medrag_ray.eval.router_eval import (
     has_image,
     route_samples,
@@ -116,3 +118,19 @@ def test_only_unknown_domains_and_bad_input(samples: list[Sample]) -> None:
     with pytest.raises(ValueError, match="one per sample"):
         router_report(samples, [], DOMAINS3)
     assert not has_image(Sample(id="n", domain="radiology", split="test", source="x"))
+
+
+def test_unknown_routes_are_counted_and_calibration_reported(samples: list[Sample]) -> None:
+    preds = route_samples(ColourRouter(), samples)
+    preds[0] = ("unknown", 0.3)  # a radiology image the router was unsure of
+    preds[8] = ("unknown", 0.4)  # one of the two dermatology images: detected as no domain of the router
+    res = router_report(samples, preds, DOMAINS3)
+    assert res["routed_unknown"] == {"known_domains": {"n": 8, "routed_unknown": 1, "rate": 0.125},
+                                     "unknown_domains": {"n": 2, "routed_unknown": 1, "rate": 0.5}}
+    assert res["accuracy"] == pytest.approx(5 / 8) and res["report"]["confusion"]["labels"][-1] == "unknown"
+    known = [i for i, s in enumerate(samples) if s.domain in DOMAINS3]
+    conf = np.array([preds[i][1] for i in known])
+    right = np.array([preds[i][0] == samples[i].domain for i in known])
+    assert res["ece"] == pytest.approx(confidence_ece(conf, right), abs=1e-6)
+    assert "Routed to 'unknown': 1 of 8 images of the router's domains, 1 of 2 images of other domains" in (
+        router_markdown(res, "x"))

@@ -122,3 +122,19 @@ def test_load_errors(router: DomainRouter, tmp_path: Path) -> None:
     save_dual_encoder(router.encoder, tmp_path / "enc")
     with pytest.raises(ModelLoadError, match="'dual_encoder' model, not a 'router'"):
         load_router(tmp_path / "enc")
+
+
+def test_calibration_is_applied_saved_and_loaded(router: DomainRouter, tmp_path: Path) -> None:
+    logits = torch.tensor([[0.0, 2.0], [0.0, 0.2]])
+    router.set_calibration(2.0, 0.6)
+    (d0, c0), (d1, c1) = router.predictions_from_logits(logits)
+    assert d0 == "pathology" and c0 == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())  # softmax(z / 2)
+    assert d1 == "unknown" and c1 == pytest.approx(torch.sigmoid(torch.tensor(0.1)).item())  # 0.525 < 0.6
+    save_router(router, tmp_path / "router")
+    loaded = load_router(tmp_path / "router")
+    assert (loaded.temperature, loaded.unknown_threshold) == (2.0, 0.6)
+    assert loaded.predictions_from_logits(logits) == router.predictions_from_logits(logits)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        router.set_calibration(0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown_threshold must be in"):
+        router.set_calibration(1.0, 1.0)

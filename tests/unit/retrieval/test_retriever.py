@@ -172,7 +172,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory, encoder: DualEncoder) -> dict
     router = build_router(DualEncoderConfig(), ROUTER_DOMAINS)
     with torch.no_grad():
         router.head.weight.zero_()
-        router.head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 3.0]))  # dermatology wins but has no index
+        router.head.bias.copy_(torch.tensor([3.0, 0.0, 0.0, 1.0]))  # radiology wins; dermatology has no index
     router_dir = save_router(router, root / "router")
     return {"root": root, "encoder": encoder_dir, "dual": dual_dir, "router": router_dir}
 
@@ -432,8 +432,8 @@ def test_adaptive_rules_on_known_scores(mr: MultimodalRetriever, images: list[Im
 def test_router_is_used_and_skipped(mr: MultimodalRetriever, images: list[Image.Image]) -> None:
     cfg = RetrievalConfig(k=3, mode="image", adaptive="none")
     routed = mr.retrieve(images[:3], cfg=cfg)
-    # bias (1, 0, 0, 3) over (radiology, ophthalmology, pathology, dermatology): dermatology has no index
-    expected_conf = math.e / (math.e + 2 + math.e**3)
+    # bias (3, 0, 0, 1) over (radiology, ophthalmology, pathology, dermatology): dermatology has no index
+    expected_conf = math.e**3 / (math.e**3 + 2 + math.e)
     for j, res in enumerate(routed):
         assert res.domain == "radiology"
         assert res.domain_confidence == pytest.approx(expected_conf, abs=1e-5)
@@ -442,6 +442,31 @@ def test_router_is_used_and_skipped(mr: MultimodalRetriever, images: list[Image.
     assert all(r.domain == "pathology" and r.domain_confidence is None for r in explicit)
     assert [h.doc_id for h in explicit[0].hits] != [h.doc_id for h in routed[0].hits]
     assert mr.route(images[:2]) == [("radiology", pytest.approx(expected_conf, abs=1e-5))] * 2
+
+
+def test_an_unindexed_or_unsure_route_is_unknown(mr: MultimodalRetriever, images: list[Image.Image]) -> None:
+    router = mr.router
+    assert router is not None
+    cfg = RetrievalConfig(k=3, mode="image", adaptive="none")
+    bias = router.head.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            router.head.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 3.0]))  # dermatology wins: it has no index
+        unknown = mr.retrieve(images[:2], cfg=cfg)
+        conf = math.e**3 / (math.e**3 + 2 + math.e)
+        assert [(r.domain, r.hits, r.k_kept) for r in unknown] == [("unknown", [], 0)] * 2
+        assert unknown[0].domain_confidence == pytest.approx(conf, abs=1e-5)
+        with torch.no_grad():
+            router.head.bias.copy_(bias)
+        router.set_calibration(2.0, 0.0)  # a temperature spreads the probabilities: radiology at T=2
+        [hot] = mr.route(images[:1])
+        assert hot == ("radiology", pytest.approx(math.e**1.5 / (math.e**1.5 + 2 + math.e**0.5), abs=1e-5))
+        router.set_calibration(1.0, 0.9)  # below the unknown threshold: unknown, with the confidence it had
+        assert mr.route(images[:1]) == [("unknown", pytest.approx(math.e**3 / (math.e**3 + 2 + math.e), abs=1e-5))]
+    finally:
+        with torch.no_grad():
+            router.head.bias.copy_(bias)
+        router.set_calibration(1.0, 0.0)
 
 
 def test_batches_group_by_domain(mr: MultimodalRetriever, images: list[Image.Image],

@@ -208,3 +208,23 @@ def test_jomed_over_documents_without_images_is_a_422_not_a_crash() -> None:
     plan = plan_read(AnswerQuery(question="Is there an effusion?"), Image.new("RGB", (8, 8)), retrieved, "mmed")
     assert len(plan.inputs) == 3 and plan.n_candidates == 2  # concat + each kept report alone
     assert "1. No effusion. 2. Effusion." in plan.inputs[0].parts[1]
+
+
+def test_an_image_of_no_indexed_domain_is_answered_without_retrieval(answerer: LocalAnswerer,
+                                                                     closed: list[Sample]) -> None:
+    router = answerer.evidence.retriever.router
+    assert router is not None
+    s = closed[2]
+    saved = (router.temperature, router.unknown_threshold)
+    router.set_calibration(saved[0], 0.999999)  # nothing is that sure: every image is of an unknown domain
+    try:
+        concat, jomed = answerer.answer([(s.image_bytes, {"question": s.question}),
+                                         (s.image_bytes, {"question": s.question, "fusion": "jomed"})])
+    finally:
+        router.set_calibration(*saved)
+    [(_, confidence)] = answerer.evidence.retriever.route([image_of(s)])
+    expected = probs(answerer, [single_image_input(image_of(s), closed_prompt(s.question))])[0]
+    for out in (concat, jomed):
+        assert out["domain"] == "unknown" and out["domain_confidence"] == pytest.approx(confidence, abs=1e-6)
+        assert out["evidence"] == [] and out["k_kept"] == 0 and out["retriever"] == "none"
+        assert [out["probabilities"]["yes"], out["probabilities"]["no"]] == pytest.approx(expected.tolist(), abs=1e-5)
