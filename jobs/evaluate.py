@@ -106,6 +106,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     if ablation["diagnostics"]:
         markdown += "\n" + ablation_markdown(ablation["diagnostics"], "Diagnostics" + suffix).replace("# ", "## ", 1)
     markdown += retrieval_markdown(ablation["retrieval"])
+    if ablation["routed_unknown"]:
+        markdown += (f"\n{ablation['routed_unknown']} of {len(samples)} questions were routed to no indexed domain "
+                     "('unknown') and are asked without retrieval in every row.\n")
     rag_pt = {"name": cfg.name, **ablation, "alignment": alignment, "skipped": skipped,
               "rag_pt_readers": stage_dirs, "config": to_dict(cfg)}
     path = write_json_and_markdown(cfg.out_dir, "rag_pt", rag_pt, markdown)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from medrag_ray.data.schema import CorpusDoc, Sample
+from medrag_ray.data.schema import UNKNOWN_DOMAIN, CorpusDoc, Sample
 from medrag_ray.eval.alignment import alignment_report
 from medrag_ray.eval.bootstrap import bootstrap_interval, paired_bootstrap
 from medrag_ray.eval.classification import classification_report
@@ -232,12 +232,19 @@ def jomed_comparison(
     head: str = "text",
     route: bool = True,
 ) -> JomedComparison:
-    """FT RAG vs JOMED's logit fusion vs the oracle (see the module docstring)."""
+    """FT RAG vs JOMED's logit fusion vs the oracle (see the module docstring), on the samples that get candidates:
+    an image routed to no indexed domain ("unknown") has none to compare; ``analysis["n_no_candidate"]`` counts them."""
+    references(samples)
+    scored = score_candidates(jomed_retriever, engine, samples, images, head, k, route=route)
+    with_candidates = {q.sample_id for q in scored}
+    keep = [i for i, s in enumerate(samples) if s.id in with_candidates]
+    if not keep:
+        raise ValueError(f"none of {len(samples)} samples got a candidate: the router placed every image in no "
+                         "indexed domain, or the indexes are empty; check the router and the index")
+    n_asked = len(samples)
+    samples, images = [samples[i] for i in keep], [images[i] for i in keep]
     labels = references(samples)
     ft = predict_closed(engine, ft_retriever, samples, images, RetrievalConfig(k=k, adaptive="none"), "jomed", route)
-    scored = score_candidates(jomed_retriever, engine, samples, images, head, k, route=route)
-    if len(scored) != len(samples):
-        raise ValueError(f"{len(samples) - len(scored)} samples got no candidate; the index is empty for their domain")
     width = max(len(q.doc_ids) for q in scored)
     cand = np.full((len(scored), width, len(YES_NO)), 0.0)
     weights = np.zeros((len(scored), width))
@@ -252,6 +259,7 @@ def jomed_comparison(
     analysis = consistency_analysis(
         labels, per_candidate, {"ft_rag": ft.answers, "jomed": jomed.answers}, YES_NO
     ).to_dict()
+    analysis["n_no_candidate"] = n_asked - len(keep)
     return JomedComparison(ft, jomed, per_candidate, analysis)
 
 
@@ -266,6 +274,9 @@ def jomed_markdown(analysis: Mapping[str, Any], title: str) -> str:
             f"{m['jomed']['accuracy']:.3f} | {m['jomed']['macro_f1']:.3f} | {s['oracle_accuracy']:.3f} |"
         )
     lines += ["", f"Inconsistent share (JOMED Table 6): {analysis['inconsistent_share']:.3f}."]
+    if analysis.get("n_no_candidate"):
+        lines.append(f"{analysis['n_no_candidate']} questions are left out: the router placed their image in no "
+                     "indexed domain, so there is no candidate to fuse.")
     return "\n".join(lines) + "\n"
 
 
@@ -335,6 +346,7 @@ def closed_ablation(
             f"image head, fixed k={fixed_k}": retrieval_quality(samples, image_head, truth.cases),
         }
     return {
+        "routed_unknown": sum(r.domain == UNKNOWN_DOMAIN for r in results["fixed"]),
         "rows": ablation_rows(preds),
         "diagnostics": ablation_rows(diagnostic, compare_to=compare),
         "retrieval": quality,

@@ -52,7 +52,7 @@ class SampleContext:
         """What pair records keep: routed domain, confidence, ids and scores (texts are in the prompt)."""
         return {
             "routed_domain": self.domain,
-            "domain_confidence": round(float(self.domain_confidence), 6),
+            "domain_confidence": None if self.domain_confidence is None else round(float(self.domain_confidence), 6),
             "retrieved_ids": list(self.doc_ids),
             "retrieved_scores": [round(s, 6) for s in self.scores],
         }

@@ -706,7 +706,8 @@ class MultimodalRetriever:
                 )
             unindexed = [d for d in router.domains if d not in self._resources]
             if unindexed:
-                logger.warning("router domains %s have no index; routing chooses among %s", unindexed, indexed)
+                logger.warning("router domains %s have no index: images routed there are answered as %r (no "
+                               "retrieval); indexed: %s", unindexed, UNKNOWN_DOMAIN, indexed)
 
     @property
     def domains(self) -> tuple[str, ...]:

@@ -113,3 +113,22 @@ def test_jomed_fusion_oracle_and_consistency(scripted) -> None:
     assert a["inconsistent"]["n"] == sum(mixed) and a["consistent"]["n"] == len(samples) - sum(mixed)
     assert a["all"]["methods"]["ft_rag"]["accuracy"] == pytest.approx(np.mean(has_helpful))  # any helpful -> 0.9
     assert "| inconsistent |" in jomed_markdown(a, "t")
+
+
+def test_jomed_leaves_out_questions_without_candidates(scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medrag_ray.eval.rag_pt_eval as rag_pt_eval
+
+    mr, samples, images, *_ = scripted
+    original = rag_pt_eval.score_candidates
+
+    def first_routed_nowhere(retriever, engine, samples, images, head, k, route=True):  # noqa: ANN001, ANN202
+        return [q for q in original(retriever, engine, samples, images, head, k, route=route) if q.sample_id != "q0"]
+
+    monkeypatch.setattr(rag_pt_eval, "score_candidates", first_routed_nowhere)
+    out = jomed_comparison(ScriptedReader(), mr, mr, samples, images, k=3, temperature=0.05, route=False)
+    assert out.analysis["n_no_candidate"] == 1 and out.analysis["all"]["n"] == len(samples) - 1
+    assert len(out.ft_rag.labels) == len(out.jomed.labels) == len(samples) - 1
+    assert "1 questions are left out" in jomed_markdown(out.analysis, "t")
+    monkeypatch.setattr(rag_pt_eval, "score_candidates", lambda *a, **k: [])
+    with pytest.raises(ValueError, match="none of 24 samples got a candidate"):
+        jomed_comparison(ScriptedReader(), mr, mr, samples, images, k=3, temperature=0.05, route=False)

@@ -230,6 +230,27 @@ def test_unreadable_noise_source_rejects_that_sample_only() -> None:
     assert len(engine.calls[0]) == 9 and not any(c.startswith("oa2:") for c in engine.calls[0])
 
 
+class UnknownForOa2Retriever(StubRetriever):
+    """The router places sample ``oa2``'s image in no indexed domain."""
+
+    def retrieve(self, images, questions, domains=None, cfg=None, exclude_ids=None):  # noqa: ANN001, ANN201
+        results = super().retrieve(images, questions, domains, cfg, exclude_ids)
+        results[1] = RetrievalResult("unknown", 0.4, [], k_kept=0)
+        return results
+
+
+def test_an_unknown_domain_route_rejects_that_sample_only() -> None:
+    samples = good_samples()
+    miner, _, engine = make_miner(samples)
+    miner.retriever = UnknownForOa2Retriever()
+    result = miner.mine_batch(samples)
+    [reject] = result.rejects
+    assert (reject.sample_id, reject.field) == ("oa2", "domain") and "routed 'unknown'" in reject.reason
+    assert miner.retriever.least_calls == [(3, ["radiology"] * 3)]  # no noise source asked for the unknown one
+    assert [o["sample_id"] for o in result.outcomes] == ["cm_oa1", "cm_only", "nothing"]
+    assert not any(c.startswith("oa2:") for c in engine.calls[0])
+
+
 def test_all_rejected_batch_calls_nothing() -> None:
     samples = [closed_sample("maybe", "maybe", 2)]
     miner, retriever, engine = make_miner(samples)

@@ -134,6 +134,8 @@ def test_to_meta() -> None:
         "retrieved_ids": ["a", "b"],
         "retrieved_scores": [0.123457, 0.5],
     }
+    given = SampleContext("pathology", None, ("a",), ("t1",), (0.5,))  # route=false: the caller named the domain
+    assert given.to_meta()["domain_confidence"] is None
 
 
 # ---------------------------------------------------------------------------- retrieve_contexts
