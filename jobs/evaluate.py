@@ -5,9 +5,13 @@
     ray job submit --working-dir . -- python jobs/evaluate.py out_dir=/abs/eval
 
 Writes ``<out_dir>/rag_pt.json/.md`` -- the ablation rows (the SFT reader without retrieval, with a fixed k,
-with adaptive-k, then each RAG-PT stage's reader with adaptive-k: accuracy, macro F1 and AUROC overall and per
-domain) and the CR / OR rates of the SFT and the last RAG-PT reader -- and, when the distilled retriever exists,
-``jomed.json/.md``: FT RAG vs JOMED's logit fusion vs the oracle on all, consistent and inconsistent questions.
+with adaptive-k, then each RAG-PT stage's reader with adaptive-k: accuracy, macro F1 and AUROC overall, per domain
+and per finding kind, each with the paired bootstrap CI of its difference to the row above), the diagnostics
+(the reference code's ratio rule; with ``ground_truth_dir``'s synthetic manifest, the reader with oracle context
+and the retrieval's phenotype precision and majority-of-reports accuracy per head), the kept-k distribution and
+the CR / OR rates of the SFT and the last RAG-PT reader -- and, when the distilled retriever exists,
+``jomed.json/.md``: FT RAG vs JOMED's logit fusion vs the oracle on all, consistent and inconsistent questions;
+then ``report.md`` with the plots in ``plots/`` (:mod:`medrag_ray.eval.report`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from medrag_ray.config import EvaluateConfig, parse_job_args, to_dict
 from medrag_ray.data.schema import CorpusDoc, Sample, read_parquet
 from medrag_ray.data.subset import take_spread
 from medrag_ray.data.synthetic import CORPUS_NAME, MANIFEST_NAME
-from medrag_ray.eval.diagnostics import load_case_truths
+from medrag_ray.eval.diagnostics import case_id, load_case_truths
 from medrag_ray.eval.outputs import write_json_and_markdown
 from medrag_ray.eval.rag_pt_eval import (
     GroundTruth,
@@ -90,7 +94,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     sft = engine_for(cfg.reader_dir)
     stage_engines = [engine_for(d) for d in stage_dirs]
     adaptive = cfg.context.retrieval
-    truth = ground_truth(cfg)
+    truth = ground_truth(cfg, samples)
     ablation = closed_ablation(sft, stage_engines, retriever, samples, images, adaptive, cfg.fixed_k,
                                cfg.context.style, cfg.route, truth)
     alignment: dict[str, Any] = {}
@@ -108,7 +112,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     markdown += retrieval_markdown(ablation["retrieval"])
     if ablation["routed_unknown"]:
         markdown += (f"\n{ablation['routed_unknown']} of {len(samples)} questions were routed to no indexed domain "
-                     "('unknown') and are asked without retrieval in every row.\n")
+                     "('unknown') and are asked without retrieval in the retrieval rows.\n")
     rag_pt = {"name": cfg.name, **ablation, "alignment": alignment, "skipped": skipped,
               "rag_pt_readers": stage_dirs, "config": to_dict(cfg)}
     path = write_json_and_markdown(cfg.out_dir, "rag_pt", rag_pt, markdown)
@@ -135,14 +139,20 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     return {"rag_pt": rag_pt, "jomed": jomed}
 
 
-def ground_truth(cfg: EvaluateConfig) -> GroundTruth | None:
-    """The synthetic dataset's per-case truth and corpus from ``ground_truth_dir``, or None (real data)."""
+def ground_truth(cfg: EvaluateConfig, samples: Sequence[Sample]) -> GroundTruth | None:
+    """The synthetic dataset's per-case truth and corpus from ``ground_truth_dir`` when ``samples`` are its cases;
+    None (no diagnostics) for real data or samples of another dataset."""
     root = Path(cfg.ground_truth_dir) if cfg.ground_truth_dir else None
     if root is None or not (root / MANIFEST_NAME).is_file():
         logger.info("no %s in ground_truth_dir=%r: the diagnostics rows are skipped", MANIFEST_NAME,
                     cfg.ground_truth_dir)
         return None
-    return GroundTruth(load_case_truths(root / MANIFEST_NAME), read_parquet(root / CORPUS_NAME, CorpusDoc))
+    cases = load_case_truths(root / MANIFEST_NAME)
+    if not all(case_id(s) in cases for s in samples):
+        logger.info("the samples of %s are not the cases of %s: the diagnostics rows are skipped", cfg.samples_path,
+                    root / MANIFEST_NAME)
+        return None
+    return GroundTruth(cases, read_parquet(root / CORPUS_NAME, CorpusDoc))
 
 
 def _alignment_markdown(alignment: dict[str, Any]) -> str:

@@ -66,14 +66,16 @@ def finding_kinds(samples: Sequence[Sample]) -> tuple[str | None, ...]:
     return tuple(_meta(s).get("finding_kind") for s in samples)
 
 
+def case_id(sample: Sample) -> str:
+    """The sample's case: ``meta.case_id``, else its own id."""
+    return str(_meta(sample).get("case_id", sample.id))
+
+
 def _query_truth(sample: Sample, truths: Mapping[str, CaseTruth]) -> tuple[CaseTruth, str | None]:
-    meta = _meta(sample)
-    case_id = meta.get("case_id", sample.id)
-    if case_id not in truths:
-        raise ValueError(
-            f"sample {sample.id}: case {case_id!r} is not in the manifest; pass the dataset's own manifest_path"
-        )
-    return truths[case_id], meta.get("finding")
+    case = case_id(sample)
+    if case not in truths:
+        raise ValueError(f"sample {sample.id}: case {case!r} is not in the manifest; pass the dataset's own manifest")
+    return truths[case], _meta(sample).get("finding")
 
 
 def report_majority(texts: Sequence[str], domain: str, finding: str) -> bool | None:
@@ -130,8 +132,7 @@ def oracle_contexts(
     out = []
     for sample in samples:
         truth, _ = _query_truth(sample, truths)
-        case_id = _meta(sample).get("case_id", sample.id)
-        pool = [d for d in by_phenotype[(sample.domain, truth.phenotype)] if d.id not in (case_id, sample.id)]
+        pool = [d for d in by_phenotype[(sample.domain, truth.phenotype)] if d.id not in (case_id(sample), sample.id)]
         docs = random.Random(f"{seed}:{sample.id}").sample(pool, min(k, len(pool)))
         out.append(SampleContext(sample.domain, None, tuple(d.id for d in docs), tuple(d.text for d in docs),
                                  tuple(1.0 for _ in docs), tuple(d.image_bytes for d in docs)))

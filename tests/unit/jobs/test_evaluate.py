@@ -36,8 +36,12 @@ def run_evaluate(root: Path, out: Path, *args: str) -> dict:
 
 
 def test_real_data_style_run_without_routing_or_ground_truth(tiny_artifacts: Path, tmp_path: Path) -> None:
-    # as the README prints it for VQA-RAD: route=false (the labelled domain), no synthetic manifest
-    out = run_evaluate(tiny_artifacts, tmp_path / "eval", "route=false", "ground_truth_dir=")
+    # as the README prints it for VQA-RAD: route=false (the labelled domain), and the default ground_truth_dir holds
+    # a synthetic manifest of other cases: its diagnostics do not apply and are skipped
+    other = tmp_path / "other_synthetic"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"cases": []}')
+    out = run_evaluate(tiny_artifacts, tmp_path / "eval", "route=false", f"ground_truth_dir={other}")
     rag_pt = out["rag_pt"]
     assert [r["name"] for r in rag_pt["rows"]] == ["reader, no retrieval", "+ retrieval (fixed k=3)",
                                                    "+ adaptive-k (gap)"]
