@@ -108,7 +108,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     markdown = (ablation_markdown(ablation["rows"], "RAG-PT ablation, closed questions" + suffix)
                 + _alignment_markdown(alignment))
     if ablation["diagnostics"]:
-        markdown += "\n" + ablation_markdown(ablation["diagnostics"], "Diagnostics" + suffix).replace("# ", "## ", 1)
+        markdown += "\n" + ablation_markdown(ablation["diagnostics"], "Diagnostics" + suffix, level=2)
     markdown += retrieval_markdown(ablation["retrieval"])
     if ablation["routed_unknown"]:
         markdown += (f"\n{ablation['routed_unknown']} of {len(samples)} questions were routed to no indexed domain "

@@ -186,16 +186,16 @@ def _difference(d: Mapping[str, Any] | None, above: str | None = None) -> str:
     return text if "row" not in d or d["row"] == above else f"{text} vs {d['row']}"
 
 
-def ablation_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
-    """One line per :func:`ablation_rows` row: overall accuracy / F1 / AUROC with the paired difference to the
-    row above (95% CI), accuracy per finding kind with its difference, then accuracy per domain."""
+def ablation_markdown(rows: Sequence[Mapping[str, Any]], title: str, level: int = 1) -> str:
+    """One line per :func:`ablation_rows` row under a ``level`` heading: overall accuracy / F1 / AUROC with the paired
+    difference to the row above (95% CI), accuracy per finding kind with its difference, then accuracy per domain."""
     domains = sorted({d for r in rows for d in r["by_domain"]})
     kinds = sorted({k for r in rows for k in r["by_kind"]})
     head = ["row", "n", "accuracy", "Δ vs row above [95% CI]", "macro F1", "AUROC"]
     for k in kinds:
         head += [f"{k} acc", f"{k} Δ [95% CI]"]
     head += [f"{d} acc" for d in domains]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"{'#' * level} {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     previous = None
     for r in rows:
         above = r["vs_above"]
@@ -234,7 +234,6 @@ def jomed_comparison(
 ) -> JomedComparison:
     """FT RAG vs JOMED's logit fusion vs the oracle (see the module docstring), on the samples that get candidates:
     an image routed to no indexed domain ("unknown") has none to compare; ``analysis["n_no_candidate"]`` counts them."""
-    references(samples)
     scored = score_candidates(jomed_retriever, engine, samples, images, head, k, route=route)
     with_candidates = {q.sample_id for q in scored}
     keep = [i for i, s in enumerate(samples) if s.id in with_candidates]

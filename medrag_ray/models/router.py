@@ -14,7 +14,7 @@ Both are stored in the router's card.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -98,25 +98,34 @@ class DomainRouter(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels))
 
-    def predictions_from_logits(self, logits: torch.Tensor) -> list[tuple[str, float]]:
+    def predictions_from_logits(
+        self, logits: torch.Tensor, indexed: Collection[str] | None = None
+    ) -> list[tuple[str, float]]:
         """(argmax domain, its calibrated probability) per row of ``logits``; :data:`UNKNOWN_DOMAIN` (with that
-        probability) when it is below ``unknown_threshold``."""
+        probability) when it is below ``unknown_threshold`` or, given ``indexed``, not one of those domains."""
         conf, idx = self.probabilities(logits).max(dim=-1)
-        return [(self.domains[i] if c >= self.unknown_threshold else UNKNOWN_DOMAIN, float(c))
-                for i, c in zip(idx.tolist(), conf.tolist(), strict=True)]
+        out = []
+        for i, c in zip(idx.tolist(), conf.tolist(), strict=True):
+            known = c >= self.unknown_threshold and (indexed is None or self.domains[i] in indexed)
+            out.append((self.domains[i] if known else UNKNOWN_DOMAIN, float(c)))
+        return out
 
     @torch.no_grad()
     def predict(
-        self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 64
+        self,
+        images: Sequence[Image.Image] | torch.Tensor,
+        batch_size: int = 64,
+        indexed: Collection[str] | None = None,
     ) -> list[tuple[str, float]]:
-        """Route images (PIL or preprocessed pixels) to ``(domain, confidence)``, in batches."""
+        """Route images (PIL or preprocessed pixels) to ``(domain, confidence)``, in batches (``indexed``: see
+        :meth:`predictions_from_logits`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out: list[tuple[str, float]] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocess(chunk)
-            out.extend(self.predictions_from_logits(self(pixels)))
+            out.extend(self.predictions_from_logits(self(pixels), indexed))
         return out
 
 

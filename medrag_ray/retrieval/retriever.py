@@ -654,18 +654,10 @@ def route_images(
     ``unknown_threshold``, is of an unknown domain: it is answered without retrieval rather than sent to the
     index of a domain it does not belong to.
     """
-    mask = torch.tensor([d in allowed for d in router.domains], device=router.device)
-    if not bool(mask.any()):
+    if not any(d in allowed for d in router.domains):
         raise ValueError(f"the router's domains {list(router.domains)} include none of {sorted(allowed)}")
-    out: list[tuple[str, float]] = []
-    unknown = 0
-    for start in range(0, len(images), batch_size):
-        probs = router.probabilities(router(router.preprocess(list(images[start : start + batch_size]))))
-        conf, best = probs.max(dim=-1)
-        for i, c in zip(best.tolist(), conf.tolist(), strict=True):
-            known = bool(mask[i]) and c >= router.unknown_threshold
-            unknown += not known
-            out.append((router.domains[i] if known else UNKNOWN_DOMAIN, float(c)))
+    out = router.predict(list(images), batch_size, indexed=allowed)
+    unknown = sum(d == UNKNOWN_DOMAIN for d, _ in out)
     if unknown:
         logger.info("%d of %d images are of an unknown or unindexed domain (answered without retrieval)", unknown,
                     len(images))

@@ -104,15 +104,10 @@ class RetrieverTask:
         save_dual_encoder(model, directory)
 
 
-@torch.no_grad()
 def predict_domains(router: DomainRouter, examples: Sequence[LabeledImage], batch_size: int = 64) -> list[str]:
     """The router's domain for each example's image."""
-    out: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        pixels = router.preprocess([load_image(e.image_bytes, name=f"example {e.id}") for e in chunk])
-        out.extend(d for d, _ in router.predict(pixels))
-    return out
+    logits = torch.from_numpy(router_logits(router, examples, batch_size))
+    return [d for d, _ in router.predictions_from_logits(logits)]
 
 
 @torch.no_grad()
