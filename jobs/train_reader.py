@@ -3,6 +3,7 @@
     python jobs/train_reader.py [--config jobs/configs/train_reader.yaml] [train.epochs=4] [lora.r=16] \
         [context.style=jomed] [tasks=[closed,report]] [overwrite=true]
     python jobs/train_reader.py --config jobs/configs/train_reader_pretrain.yaml   # the tiny reader's pretraining
+    python jobs/train_reader.py --config jobs/configs/train_reader_reading.yaml    # ... then its reading curriculum
     ray job submit --working-dir . -- python jobs/train_reader.py ray_train.storage_path=/shared/ray_train
 
 The driver routes and retrieves once for every train/val sample (router -> domain index -> adaptive-k; a
@@ -11,7 +12,8 @@ sample's own case report is excluded) and writes the examples to ``data_dir``. T
 resume on re-run, restart of failed workers) and ``out_dir`` receives the merged reader, ``adapter/`` and
 ``metrics.json`` (closed accuracy with and without retrieval on val, per epoch). With ``rag_fraction=0``
 nothing is retrieved (the pretraining variant, ``finetune=full``, which trains every parameter of the tiny
-reader and writes no adapter).
+reader and writes no adapter); ``context_source=phenotype`` builds the tiny reader's reading curriculum from a
+synthetic dataset's ground truth instead of retrieving (``train_reader_reading.yaml``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from pathlib import Path
 from jobs.runtime import init_ray
 from jobs.train_common import fit_to_dir
 from medrag_ray.config import TrainReaderConfig, parse_job_args
-from medrag_ray.data.schema import Sample, read_parquet
+from medrag_ray.data.schema import CorpusDoc, Sample, read_parquet
 from medrag_ray.data.subset import take_spread
+from medrag_ray.data.synthetic import CORPUS_NAME, MANIFEST_NAME
+from medrag_ray.eval.diagnostics import load_case_truths
 from medrag_ray.reader.context import SampleContext, retrieve_contexts, sample_image
+from medrag_ray.reader.curriculum import reading_contexts
 from medrag_ray.reader.sft import build_sft_examples, make_reader_sft_task, write_sft_examples
 from medrag_ray.retrieval.retriever import MultimodalRetriever
 from medrag_ray.train.tasks import dataset_file
@@ -42,6 +47,7 @@ logger = logging.getLogger("jobs.train_reader")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "train_reader.yaml"
 PRETRAIN_CONFIG = DEFAULT_CONFIG.with_name("train_reader_pretrain.yaml")
+READING_CONFIG = DEFAULT_CONFIG.with_name("train_reader_reading.yaml")
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainReaderConfig:
@@ -58,10 +64,28 @@ def selected(samples: Sequence[Sample], cfg: TrainReaderConfig) -> list[Sample]:
     return out
 
 
+def reading_curriculum(cfg: TrainReaderConfig, samples: Sequence[Sample]) -> list[SampleContext]:
+    """``context_source=phenotype``: the curriculum's reports for ``samples`` from the ground truth of
+    ``cfg.dataset_dir``."""
+    manifest, corpus = Path(cfg.dataset_dir) / MANIFEST_NAME, Path(cfg.dataset_dir) / CORPUS_NAME
+    missing = [str(p) for p in (manifest, corpus) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"context_source=phenotype needs a synthetic dataset's {MANIFEST_NAME} and {CORPUS_NAME}; missing "
+            f"{missing}: point dataset_dir at `python jobs/make_data.py` output or use context_source=retrieval"
+        )
+    retrieval = cfg.context.retrieval
+    k = retrieval.k_max if retrieval.k_max is not None else retrieval.k
+    return reading_contexts(
+        samples, read_parquet(corpus, CorpusDoc), load_case_truths(manifest), k, cfg.rag_fraction, cfg.train.seed
+    )
+
+
 def write_examples(cfg: TrainReaderConfig) -> Path:
-    """Retrieve context for the train and val samples of ``cfg.tasks``; write them to ``cfg.data_dir``."""
+    """Retrieve context for the train and val samples of ``cfg.tasks`` (or build the reading curriculum's,
+    ``context_source=phenotype``); write them to ``cfg.data_dir``."""
     retriever = None
-    if cfg.rag_fraction > 0:
+    if cfg.rag_fraction > 0 and cfg.context_source == "retrieval":
         retriever = MultimodalRetriever.from_artifacts(
             cfg.context.router_dir, cfg.context.index_dir, with_images=cfg.context.style == "jomed"
         )
@@ -76,7 +100,10 @@ def write_examples(cfg: TrainReaderConfig) -> Path:
             )
         if split == "val":  # the files are grouped by domain: spread the subset over them
             samples = take_spread(samples, [s.domain for s in samples], cfg.max_val)
-        if retriever is None:
+        rag_fraction = cfg.rag_fraction
+        if cfg.context_source == "phenotype":
+            contexts, rag_fraction = reading_curriculum(cfg, samples), 1.0  # the curriculum chose who gets reports
+        elif retriever is None:
             contexts = [SampleContext(s.domain, None) for s in samples]
         else:
             contexts = retrieve_contexts(
@@ -86,7 +113,7 @@ def write_examples(cfg: TrainReaderConfig) -> Path:
                 cfg.context.retrieval,
                 with_images=cfg.context.style == "jomed",
             )
-        examples = build_sft_examples(samples, contexts, cfg.rag_fraction, cfg.train.seed)
+        examples = build_sft_examples(samples, contexts, rag_fraction, cfg.train.seed)
         write_sft_examples(examples, out / f"{split}.parquet")
         kept = [len(c.texts) for c in contexts]
         logger.info(

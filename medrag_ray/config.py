@@ -783,6 +783,7 @@ def _index_config(value: Any) -> Any:
 PROMPT_STYLES: tuple[str, ...] = ("mmed", "jomed")
 READER_TASKS: tuple[str, ...] = ("closed", "report")
 READER_FINETUNES: tuple[str, ...] = ("lora", "full")
+READER_CONTEXT_SOURCES: tuple[str, ...] = ("retrieval", "phenotype")
 DEFAULT_READER_RETRIEVAL = RetrievalConfig(k=5, k_max=3, adaptive="gap", gamma=0.1)
 """Top-5 from the domain index, at most 3 kept by the paper's gap rule (the tiny reader's context is 512 tokens)."""
 
@@ -856,7 +857,13 @@ class TrainReaderConfig:
     trained; ``pretrain_vision`` trains the tiny one first). LoRA never adapts the vision tower anyway."""
     rag_fraction: float = 0.5
     """Share of training examples that get the retrieved context in the prompt; the rest are asked without,
-    so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares)."""
+    so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares). With
+    ``context_source=phenotype``: the share of visible-finding questions asked with reports (subtle ones always are)."""
+    context_source: str = "retrieval"
+    """``retrieval``: the reports the router -> domain index -> adaptive-k returns (RAG-SFT). ``phenotype``: the
+    tiny reader's reading curriculum (:mod:`medrag_ray.reader.curriculum`) from a synthetic dataset's ground truth
+    (``dataset_dir/manifest.json`` and ``corpus.parquet``): ``context.retrieval.k_max`` (else ``k``) reports of the
+    question's phenotype for subtle findings, random reports of its domain for visible ones; no retriever."""
     max_val: int = 240
     """Validation examples scored each epoch (closed accuracy with and without retrieval), spread evenly over the
     domains (:mod:`medrag_ray.data.subset`); 0 = all."""
@@ -876,6 +883,10 @@ class TrainReaderConfig:
             raise ConfigError(f"tasks must be a non-empty subset of {list(READER_TASKS)}, got {list(self.tasks)}")
         if not 0.0 <= self.rag_fraction <= 1.0:
             raise ConfigError(f"rag_fraction must be in [0, 1], got {self.rag_fraction!r}")
+        if self.context_source not in READER_CONTEXT_SOURCES:
+            raise ConfigError(
+                f"context_source must be one of {list(READER_CONTEXT_SOURCES)}, got {self.context_source!r}"
+            )
         if self.max_val < 0:
             raise ConfigError(f"max_val must be >= 0, got {self.max_val!r}")
         if self.finetune not in READER_FINETUNES:
@@ -1244,7 +1255,7 @@ class FindIFALayersConfig:
 
 PIPELINE_STEPS: tuple[str, ...] = (
     "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_vision",
-    "pretrain_reader", "train_reader", "mine_prefs", "train_dpo", "distill_retriever", "evaluate",
+    "pretrain_reader", "pretrain_reading", "train_reader", "mine_prefs", "train_dpo", "distill_retriever", "evaluate",
     "find_ifa_layers",
 )
 """The pipeline's steps in order."""
@@ -1284,6 +1295,11 @@ class PipelineConfig:
     )
     """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
     tiny reader on the pretraining set's visible-finding questions, no retrieval) -- the stand-in for LLaVA-Med."""
+    reader_reading: TrainLoopConfig = TrainLoopConfig(
+        epochs=3, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+    )
+    """``train`` of the ``pretrain_reading`` step (``jobs/configs/train_reader_reading.yaml``: the tiny reader's
+    reading curriculum on the pretraining set, :mod:`medrag_ray.reader.curriculum`) -- a VLM that can read."""
     reader_train: TrainLoopConfig = dataclasses.replace(TrainReaderConfig().train, epochs=2)
     """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT with LoRA, on the pretrained base reader)."""
     mining_limit: int = 320

@@ -155,6 +155,25 @@ def with_positions(model: PreTrainedModel, batch: dict[str, Tensor]) -> dict[str
     return {**batch, "position_ids": positions}
 
 
+def answer_loss(model: torch.nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Mean next-token cross-entropy over the ``labels`` that are not ``IGNORE_INDEX`` (the answer tokens), with
+    the language-model head run only from the first labelled position on (``logits_to_keep``): a prompt of
+    retrieved reports is hundreds of tokens, the answer a few, and the head over every prompt position is a
+    third of a training step on the tiny reader. Equal to the model's own ``loss`` (tested)."""
+    labels = batch["labels"]
+    labelled = labels != IGNORE_INDEX
+    if not bool(labelled.any()):
+        raise ValueError("batch has no answer token to learn (every label is IGNORE_INDEX); check the examples")
+    first = int(labelled.float().argmax(dim=1)[labelled.any(dim=1)].min())
+    keep = labels.shape[1] - first + 1  # the logit at position i predicts token i + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits[:, :-1]
+    targets = labels[:, labels.shape[1] - keep + 1 :]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
 @dataclass(frozen=True)
 class ClosedScores:
     """Probabilities over ``choices`` per input (``probs`` ``[B, C]``, rows sum to 1) and the argmax answers."""

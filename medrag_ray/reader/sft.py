@@ -39,7 +39,7 @@ from medrag_ray.mining.noise import sample_seed
 from medrag_ray.models.reader import load_reader, save_reader
 from medrag_ray.reader.answers import YES_NO
 from medrag_ray.reader.context import SampleContext, reader_input
-from medrag_ray.reader.engine import ReaderEngine, collate, encode, pad_id, to_model, with_positions
+from medrag_ray.reader.engine import ReaderEngine, answer_loss, collate, encode, pad_id, to_model, with_positions
 from medrag_ray.reader.prompts import ReaderInput
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ class ReaderSFTTask:
         return SFTDataset(self.train_examples, self.processor, self.style)
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return model(**with_positions(model, to_model(model, batch))).loss.float()
+        return answer_loss(model, with_positions(model, to_model(model, batch)))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if not self.val_examples:

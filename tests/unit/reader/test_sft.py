@@ -20,7 +20,7 @@ from medrag_ray.data.schema import Sample
 from medrag_ray.models.reader import ReaderConfig, build_tiny_reader, load_reader, save_reader
 from medrag_ray.models.tokenizer import train_bpe_tokenizer
 from medrag_ray.reader.context import SampleContext
-from medrag_ray.reader.engine import IGNORE_INDEX, ClosedScores, collate, pad_id
+from medrag_ray.reader.engine import IGNORE_INDEX, ClosedScores, answer_loss, collate, encode, pad_id, with_positions
 from medrag_ray.reader.sft import (
     ADAPTER_DIR,
     ReaderSFTTask,
@@ -246,6 +246,22 @@ def test_short_training_lowers_the_loss(trained) -> None:
     _, _, _, before, after = trained
     assert math.isfinite(before) and before > 2.0  # a random reader: ~log(vocab) on the answer tokens
     assert after < 0.5 * before, (before, after)
+
+
+def test_answer_loss_equals_the_model_loss(trained) -> None:
+    """The head over the answer positions only gives the loss of the head over every position (answers of
+    different lengths, left-padded, with and without reports)."""
+    task, model, dataset, _, _ = trained
+    long = encode(task.processor, example_input(task.train_examples[1], "mmed"), "no pleural effusion is seen today")
+    batch = with_positions(model, task.collate([dataset[0], dataset[3], long]))
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch).loss
+        got = answer_loss(model, batch)
+    assert float(got) == pytest.approx(float(reference), rel=1e-5)
+    assert float(task.loss(model, batch)) == pytest.approx(float(reference), rel=1e-5)
+    with pytest.raises(ValueError, match="no answer token"):
+        answer_loss(model, {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)})
 
 
 def test_export_loads_as_a_reader_with_the_same_logits(trained, tmp_path: Path) -> None:
