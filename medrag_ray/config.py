@@ -1287,16 +1287,16 @@ class PipelineConfig:
     reader_pretrain_cases: int = 800
     """Cases per domain of the reader's separate pretraining set (``data`` with ``seed + 1``: other phenotypes,
     so the base reader learns to see the visible findings but cannot learn the retrieval corpus's phenotypes)."""
-    reader_vision: TrainLoopConfig = PretrainVisionConfig().train
+    reader_vision: TrainLoopConfig = dataclasses.replace(PretrainVisionConfig().train, epochs=60)
     """``train`` of the ``pretrain_vision`` step (``jobs/pretrain_vision.py`` on the pretraining set): the tiny
     reader's vision tower learns the visible findings -- the stand-in for a pretrained CLIP tower."""
     reader_pretrain: TrainLoopConfig = TrainLoopConfig(
-        epochs=6, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+        epochs=4, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
     )
     """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
     tiny reader on the pretraining set's visible-finding questions, no retrieval) -- the stand-in for LLaVA-Med."""
     reader_reading: TrainLoopConfig = TrainLoopConfig(
-        epochs=3, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+        epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
     )
     """``train`` of the ``pretrain_reading`` step (``jobs/configs/train_reader_reading.yaml``: the tiny reader's
     reading curriculum on the pretraining set, :mod:`medrag_ray.reader.curriculum`) -- a VLM that can read."""
