@@ -4,16 +4,16 @@
         [steps=[make_data]] [data.n_per_domain=1000]
     ray job submit --working-dir . -- python jobs/pipeline.py artifacts_dir=/abs/artifacts
 
-Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models`` -> ``train_router``
--> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data) -> ``pretrain_vision`` (the tiny
-reader's vision tower learns the visible findings of a separate synthetic set: the stand-in for a pretrained CLIP
-tower) -> ``pretrain_reader`` (the tiny reader, vision tower frozen, learns that set's visible-finding questions
-without retrieval) -> ``pretrain_reading`` (then that set's questions with reports in the prompt: the reading
-curriculum; together the stand-in for a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with LoRA, Ray Train)
--> ``mine_prefs`` (preference pairs, Ray Data) -> ``train_dpo`` (RAG-PT: DPO on D_cm, then D_oa, Ray Train) ->
-``distill_retriever`` (JOMED's heads and MR-RAG's fusion weights from the frozen reader: Ray Data scoring, Ray
-Train) -> ``evaluate`` (the RAG-PT ablation and FT RAG vs JOMED on the synthetic test split) -> ``find_ifa_layers``
-(MR-RAG's attention blocking on the validation split: the RAG-PT reader's critical layers for IFA).
+Steps (in order; each is also its own job under ``jobs/``): ``make_data`` -> ``prepare_models`` ->
+``train_router`` -> ``train_retriever`` (one Ray Train run per domain) -> ``build_index`` (Ray Data) ->
+``pretrain_vision`` (the tiny reader's vision tower learns the visible findings of a separate synthetic set: the
+stand-in for a pretrained CLIP tower) -> ``pretrain_reader`` (the tiny reader, vision tower frozen, learns that
+set's questions without retrieval: the stand-in for a pretrained medical VLM) -> ``train_reader`` (RAG-SFT with
+LoRA, Ray Train) -> ``mine_prefs`` (preference pairs, Ray Data) -> ``train_dpo`` (RAG-PT: DPO on D_cm, then
+D_oa, Ray Train) -> ``distill_retriever`` (JOMED's heads and MR-RAG's fusion weights from the frozen reader: Ray
+Data scoring, Ray Train) -> ``evaluate`` (the RAG-PT ablation and FT RAG vs JOMED on the synthetic test split)
+-> ``find_ifa_layers`` (MR-RAG's attention blocking on the validation split: the RAG-PT reader's critical layers
+for IFA).
 Ray starts once (locally, or joins the cluster under ``ray job submit``) and is shared by the Ray steps.
 A step whose outputs already exist under ``artifacts_dir`` is skipped with a log line naming them;
 ``rebuild=true`` runs the selected steps again.
@@ -60,7 +60,6 @@ from medrag_ray.config import (
     RayTrainConfig,
     ReaderContextConfig,
     TrainDPOConfig,
-    TrainLoopConfig,
     TrainReaderConfig,
     TrainRetrieverConfig,
     TrainRouterConfig,
@@ -89,7 +88,6 @@ def steps(cfg: PipelineConfig) -> list[Step]:
     reader_dir, prefs_dir = root / "models" / "reader", root / "prefs"
     base_reader_dir, pretrain_data_dir = root / "models" / "reader_base", root / "data" / "reader_pretrain"
     vision_reader_dir, dpo_reader_dir = root / "models" / "reader_vision", root / "models" / "reader_dpo"
-    visible_reader_dir = root / "models" / "reader_visible"
     jomed_dir, eval_dir = root / "models" / "retriever_jomed", root / "eval"
     context = ReaderContextConfig(router_dir=str(router_dir), index_dir=str(index_dir))
     storage = cfg.ray_train.storage_path
@@ -156,19 +154,8 @@ def steps(cfg: PipelineConfig) -> list[Step]:
         ),
         Step(
             "pretrain_reader",
-            visible_reader_dir / "metrics.json",
-            lambda: pretrain_reader(
-                cfg, train_reader.PRETRAIN_CONFIG, cfg.reader_pretrain, pretrain_data_dir, vision_reader_dir,
-                visible_reader_dir, ray_train,
-            ),
-        ),
-        Step(
-            "pretrain_reading",
             base_reader_dir / "metrics.json",
-            lambda: pretrain_reader(
-                cfg, train_reader.READING_CONFIG, cfg.reader_reading, pretrain_data_dir, visible_reader_dir,
-                base_reader_dir, ray_train,
-            ),
+            lambda: pretrain_reader(cfg, pretrain_data_dir, vision_reader_dir, base_reader_dir, ray_train),
         ),
         Step(
             "train_reader",
@@ -251,23 +238,17 @@ def reader_pretrain_data(cfg: PipelineConfig, data_dir: Path) -> Path:
 
 
 def pretrain_reader(
-    cfg: PipelineConfig,
-    config: Path,
-    train: TrainLoopConfig,
-    data_dir: Path,
-    init_reader_dir: Path,
-    out_dir: Path,
-    ray_train: RayTrainConfig,
+    cfg: PipelineConfig, data_dir: Path, init_reader_dir: Path, out_dir: Path, ray_train: RayTrainConfig
 ) -> Path:
-    """The tiny reader's pretraining job ``config`` (``train_reader_pretrain.yaml``: images only, or
-    ``train_reader_reading.yaml``: the reading curriculum) on the reader's pretraining set (generated if
-    missing), starting from ``init_reader_dir``."""
-    base = train_reader.parse_args(["--config", str(config)])
+    """``jobs/configs/train_reader_pretrain.yaml``'s job on the reader's pretraining set (generated if missing),
+    starting from ``init_reader_dir`` (the reader with the pretrained vision tower)."""
+    base = train_reader.parse_args(["--config", str(train_reader.PRETRAIN_CONFIG)])
     return train_reader.main(
         dataclasses.replace(
             base, dataset_dir=str(reader_pretrain_data(cfg, data_dir)), reader_dir=str(init_reader_dir),
-            out_dir=str(out_dir), data_dir=str(data_dir.parent / Path(base.data_dir).name), overwrite=cfg.rebuild,
-            train=train, ray_train=ray_train, ray=cfg.ray,
+            out_dir=str(out_dir),
+            data_dir=str(data_dir.parent / "reader_pretrain_sft"), overwrite=cfg.rebuild, train=cfg.reader_pretrain,
+            ray_train=ray_train, ray=cfg.ray,
         )
     )
 

@@ -1255,7 +1255,7 @@ class FindIFALayersConfig:
 
 PIPELINE_STEPS: tuple[str, ...] = (
     "make_data", "prepare_models", "train_router", "train_retriever", "build_index", "pretrain_vision",
-    "pretrain_reader", "pretrain_reading", "train_reader", "mine_prefs", "train_dpo", "distill_retriever", "evaluate",
+    "pretrain_reader", "train_reader", "mine_prefs", "train_dpo", "distill_retriever", "evaluate",
     "find_ifa_layers",
 )
 """The pipeline's steps in order."""
@@ -1287,19 +1287,14 @@ class PipelineConfig:
     reader_pretrain_cases: int = 800
     """Cases per domain of the reader's separate pretraining set (``data`` with ``seed + 1``: other phenotypes,
     so the base reader learns to see the visible findings but cannot learn the retrieval corpus's phenotypes)."""
-    reader_vision: TrainLoopConfig = dataclasses.replace(PretrainVisionConfig().train, epochs=60)
+    reader_vision: TrainLoopConfig = PretrainVisionConfig().train
     """``train`` of the ``pretrain_vision`` step (``jobs/pretrain_vision.py`` on the pretraining set): the tiny
     reader's vision tower learns the visible findings -- the stand-in for a pretrained CLIP tower."""
     reader_pretrain: TrainLoopConfig = TrainLoopConfig(
-        epochs=4, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+        epochs=6, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
     )
     """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
     tiny reader on the pretraining set's visible-finding questions, no retrieval) -- the stand-in for LLaVA-Med."""
-    reader_reading: TrainLoopConfig = TrainLoopConfig(
-        epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
-    )
-    """``train`` of the ``pretrain_reading`` step (``jobs/configs/train_reader_reading.yaml``: the tiny reader's
-    reading curriculum on the pretraining set, :mod:`medrag_ray.reader.curriculum`) -- a VLM that can read."""
     reader_train: TrainLoopConfig = dataclasses.replace(TrainReaderConfig().train, epochs=2)
     """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT with LoRA, on the pretrained base reader)."""
     mining_limit: int = 320

@@ -40,8 +40,7 @@ def test_mine_prefs_builds_only_the_steps_before_mining(built, tmp_path: Path) -
     root, _ = built
     art = tmp_path / "artifacts"
     copy_artifacts(root, art, ["data/synthetic", "data/reader_pretrain", "models/init", "models/router",
-                               "models/retriever", "models/reader_vision", "models/reader_visible",
-                               "models/reader_base", "models/reader"])
+                               "models/retriever", "models/reader_vision", "models/reader_base", "models/reader"])
     with user_env() as env:
         res = run_command([PYTHON, str(REPO_ROOT / "jobs" / "mine_prefs.py"), "limit=24"], tmp_path, env,
                           timeout_s=900)

@@ -31,7 +31,8 @@ def test_shipped_variants() -> None:
     reading = parse_args(["--config", str(READING_CONFIG)])
     assert reading.context_source == "phenotype" and reading.finetune == "full" and reading.freeze_vision_tower
     assert reading.meta_filter == {} and reading.dataset_dir == pre.dataset_dir
-    assert reading.reader_dir == pre.out_dir and reading.out_dir == TrainReaderConfig().reader_dir
+    assert reading.reader_dir == pre.out_dir == TrainReaderConfig().reader_dir
+    assert reading.out_dir == "artifacts/models/reader_reading"
     with pytest.raises(ConfigError, match="context_source must be one of"):
         parse_args(["context_source=oracle"])
     with pytest.raises(ConfigError, match="finetune must be one of"):
