@@ -90,3 +90,40 @@ def test_router_on_real_images_after_the_pipeline(built, shared_data: Path, tmp_
     assert sorted(p.name for p in pipeline_run.iterdir()) == before  # the pipeline's run is untouched
     [new_run] = [p for p in (art / "ray_train").glob("router-*") if p.name != pipeline_run.name]
     assert list(new_run.glob("checkpoint_*"))
+
+
+def test_reading_curriculum_commands_before_rag_sft(built, tmp_path: Path) -> None:  # noqa: ANN001
+    """README's opt-in reading curriculum as typed (tiny epochs): the curriculum on the pretraining set from
+    ``reader_base``, RAG-SFT from its reader, then the pipeline's later steps again on the new reader."""
+    from tests.integration.conftest import MINING_LIMIT, TINY
+
+    root, _ = built
+    art = tmp_path / "artifacts"
+    copy_artifacts(root, art, ["data/synthetic", "data/reader_pretrain", "models/init", "models/router",
+                               "models/retriever", "models/reader_base", "index"])
+    tiny = ["train.epochs=1", "train.batch_size=4"]
+    commands = [
+        [PYTHON, str(REPO_ROOT / "jobs" / "train_reader.py"), "--config",
+         str(REPO_ROOT / "jobs" / "configs" / "train_reader_reading.yaml"), *tiny],
+        [PYTHON, str(REPO_ROOT / "jobs" / "train_reader.py"), "reader_dir=artifacts/models/reader_reading",
+         "overwrite=true", *tiny],
+        [PYTHON, str(REPO_ROOT / "jobs" / "pipeline.py"),
+         "steps=[mine_prefs,train_dpo,distill_retriever,evaluate,find_ifa_layers]", "rebuild=true", *TINY],
+    ]
+    with user_env() as env:
+        for argv in commands:
+            res = run_command(argv, tmp_path, env, timeout_s=900)
+            assert res.returncode == 0, res.stdout[-8000:]
+    reading = json.loads((art / "models" / "reader_reading" / "metrics.json").read_text())
+    assert reading["config"]["context_source"] == "phenotype"
+    assert reading["config"]["reader_dir"] == "artifacts/models/reader_base"
+    assert "val_accuracy_rag" in reading["final"]  # its validation prompts carry reports
+    sft = json.loads((art / "models" / "reader" / "metrics.json").read_text())
+    assert sft["config"]["reader_dir"] == "artifacts/models/reader_reading"
+    summary = json.loads((art / "prefs" / "summary.json").read_text())
+    train = read_parquet(art / "data" / "synthetic" / "samples_train.parquet", Sample)
+    spread = take_spread(train, [s.domain for s in train], MINING_LIMIT)
+    assert summary["samples_mined"] == sum(s.answer_type == "closed" for s in spread)
+    evaluated = art / "eval" / "rag_pt.json"
+    assert evaluated.stat().st_mtime > (art / "models" / "reader" / "metrics.json").stat().st_mtime
+    assert [r["name"] for r in json.loads(evaluated.read_text())["rows"]][0].startswith("reader, no retrieval")
