@@ -26,18 +26,13 @@ the pipeline (3 epochs, ~8 more minutes on 2 cores, so opt-in): README, "Reader 
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from medrag_ray.data.schema import CorpusDoc, Sample
-from medrag_ray.eval.diagnostics import CaseTruth, case_id, oracle_contexts
-from medrag_ray.reader.context import SampleContext
-
-
-def _finding_kind(sample: Sample) -> str | None:
-    return json.loads(sample.meta).get("finding_kind") if sample.meta else None
+from medrag_ray.eval.diagnostics import CaseTruth, finding_kinds, oracle_contexts
+from medrag_ray.reader.context import SampleContext, self_doc_ids
 
 
 def reading_contexts(
@@ -59,7 +54,8 @@ def reading_contexts(
     by_domain: dict[str, list[CorpusDoc]] = defaultdict(list)
     for doc in corpus:
         by_domain[doc.domain].append(doc)
-    reads = [_finding_kind(s) == "subtle" or s.answer_type == "report" for s in samples]
+    kinds = finding_kinds(samples)
+    reads = [kind == "subtle" or s.answer_type == "report" for s, kind in zip(samples, kinds, strict=True)]
     oracle = iter(oracle_contexts([s for s, r in zip(samples, reads, strict=True) if r], corpus, truths, k, seed))
     out = []
     for sample, read in zip(samples, reads, strict=True):
@@ -67,7 +63,7 @@ def reading_contexts(
             out.append(next(oracle))
             continue
         rng = random.Random(f"{seed}:reading:{sample.id}")
-        own = {sample.id, case_id(sample)}
+        own = self_doc_ids(sample)
         pool = [d for d in by_domain.get(sample.domain, ()) if d.id not in own]
         if rng.random() >= visible_fraction or not pool:
             out.append(SampleContext(sample.domain, None))
