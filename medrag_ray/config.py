@@ -391,6 +391,31 @@ class PrepareModelsConfig:
                 raise ConfigError(f"{name} must be a directory path, got an empty string")
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvertLlavaMedConfig:
+    """``jobs/convert_llava_med.py``: the original LLaVA-Med v1.5 checkpoint -> llava-hf (``load_reader``, vLLM);
+    see :mod:`medrag_ray.models.convert_llava_med`."""
+
+    src_dir: str = "checkpoints/llava-med-v1.5-mistral-7b"
+    """The original release as downloaded (config.json with ``model_type: llava_mistral``, weights, tokenizer)."""
+    vision_tower_dir: str = "checkpoints/clip-vit-large-patch14-336"
+    """The local CLIP tower its ``mm_vision_tower`` names, in Hugging Face format (config, image processor, and
+    the weights when the checkpoint has no tower)."""
+    out_dir: str = "checkpoints/llava-med-v1.5-mistral-7b-hf"
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto`` keeps the checkpoint's ``torch_dtype``."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("src_dir", "vision_tower_dir", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} must be a directory path, got an empty string")
+        if Path(self.out_dir).resolve() == Path(self.src_dir).resolve():
+            raise ConfigError("out_dir must differ from src_dir: the original checkpoint is kept as it is")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
 # ------------------------------------------- real-data routing set, router and retrieval evaluation (issue 3)
 
 

@@ -114,22 +114,35 @@ def encode(processor: ProcessorMixin, inp: ReaderInput, answer: str | None = Non
         labels = full["input_ids"][0].clone()
         labels[:n_prompt] = IGNORE_INDEX
         out["labels"] = labels[None]
-    out = {k: (v[0] if k in ("input_ids", "attention_mask", "labels") else v) for k, v in out.items()}
-    return out
+    return {k: (v[0] if _per_token(v, out["input_ids"]) else v) for k, v in out.items()}
+
+
+def _per_token(value: Tensor, input_ids: Tensor) -> bool:
+    """Whether a processor output holds one value per prompt token (``[1, L]`` like ``input_ids``):
+    ``attention_mask``, Qwen2-VL's ``mm_token_type_ids``, ``token_type_ids``, ..."""
+    return isinstance(value, Tensor) and value.dim() == 2 and tuple(value.shape) == tuple(input_ids.shape)
 
 
 def collate(examples: Sequence[Mapping[str, Tensor]], pad: int) -> dict[str, Tensor]:
-    """Left-pad ``input_ids``/``attention_mask``/``labels``; concatenate the image tensors in example order."""
+    """Left-pad every per-token tensor (the 1-D ones :func:`encode` returns: ``input_ids``, ``attention_mask``,
+    ``labels`` and whatever else the processor gives per token, e.g. Qwen2-VL's ``mm_token_type_ids``, padded
+    with 0); concatenate the image tensors (``pixel_values``, ``image_grid_thw``, ...) in example order."""
+    keys = set(examples[0])
+    odd = [sorted(keys ^ set(e)) for e in examples if set(e) != keys]
+    if odd:
+        raise ValueError(
+            f"examples of one batch have different inputs ({odd[0]}): batch prompts with images apart from "
+            "prompts without them"
+        )
     width = max(int(e["input_ids"].shape[0]) for e in examples)
-    batch: dict[str, Tensor] = {}
     fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
-    for key, value in fill.items():
-        if key not in examples[0]:
-            continue
-        rows = [torch.nn.functional.pad(e[key], (width - e[key].shape[0], 0), value=value) for e in examples]
-        batch[key] = torch.stack(rows)
+    batch: dict[str, Tensor] = {}
     for key in examples[0]:
-        if key not in fill:
+        if examples[0][key].dim() == 1:
+            value = fill.get(key, 0)
+            rows = [torch.nn.functional.pad(e[key], (width - e[key].shape[0], 0), value=value) for e in examples]
+            batch[key] = torch.stack(rows)
+        else:
             batch[key] = torch.cat([e[key] for e in examples], dim=0)
     return batch
 

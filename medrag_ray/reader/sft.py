@@ -47,7 +47,11 @@ logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 _VISION_TOWER = ("vision_tower", "vision_model", "visual")
 """Module names of a VLM's image encoder (LLaVA, CLIP-style, Qwen2-VL)."""
-_NOT_LORA = (*_VISION_TOWER, "multi_modal_projector", "lm_head")
+PROJECTORS = ("multi_modal_projector", "merger", "connector")
+"""Module names of a VLM's vision -> language projector: LLaVA / Mistral3 ``multi_modal_projector``, Qwen2-VL
+and Qwen2.5-VL ``visual.merger``, Idefics3 / SmolVLM ``connector``. In ``lora.modules_to_save`` any of them
+means the model's own projector (:func:`resolve_modules_to_save`), so one config trains every architecture's."""
+_NOT_LORA = (*_VISION_TOWER, *PROJECTORS, "lm_head")
 
 
 @dataclass(frozen=True)
@@ -207,17 +211,14 @@ def lora_targets(model: nn.Module, suffixes: Sequence[str] = (), exclude: Sequen
 
 def add_lora(model: nn.Module, cfg: LoraSettings) -> PeftModel:
     """Wrap ``model`` with LoRA adapters per ``cfg`` (everything else frozen, except the projector if asked)."""
-    missing = [m for m in cfg.modules_to_save if not _has(model, m)]
-    if missing:
-        raise ValueError(f"lora.modules_to_save names {missing}, which {type(model).__name__} does not have")
-    save = list(cfg.modules_to_save) or None
+    save = resolve_modules_to_save(model, cfg.modules_to_save)
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         bias="none",
-        target_modules=lora_targets(model, cfg.target_modules, cfg.modules_to_save),
-        modules_to_save=save,
+        target_modules=lora_targets(model, cfg.target_modules, save),
+        modules_to_save=save or None,
     )
     peft_model = get_peft_model(model, config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -230,6 +231,25 @@ def add_lora(model: nn.Module, cfg: LoraSettings) -> PeftModel:
 
 def _has(model: nn.Module, name: str) -> bool:
     return any(n.split(".")[-1] == name for n, _ in model.named_modules())
+
+
+def resolve_modules_to_save(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """``lora.modules_to_save`` for this model: a projector name (:data:`PROJECTORS`) becomes the model's own
+    projector (``multi_modal_projector`` -> ``merger`` on Qwen2-VL); any other name must be a module of it."""
+    own = [p for p in PROJECTORS if _has(model, p)]
+    out, missing = [], []
+    for name in names:
+        if not _has(model, name) and name in PROJECTORS and own:
+            logger.info("lora.modules_to_save: %s is %s's projector %r", name, type(model).__name__, own[0])
+            name = own[0]
+        (out if _has(model, name) else missing).append(name)
+    if missing:
+        hint = f" (its projector is {own[0]!r})" if own else ""
+        raise ValueError(
+            f"lora.modules_to_save names {missing}, which {type(model).__name__} does not have{hint}; name modules "
+            "of the model, or [] to train the LoRA adapters only"
+        )
+    return list(dict.fromkeys(out))
 
 
 def closed_accuracy(engine: ReaderEngine, examples: Sequence[SFTExample], style: str) -> float:

@@ -17,9 +17,8 @@ from medrag_ray.models.dual_encoder import (
     load_dual_encoder,
     save_dual_encoder,
 )
+from tests.unit.conformance.builders import TEXTS, biomedclip_like, write_open_clip_hub_layout
 from tests.unit.models.conftest import solid_images
-
-TEXTS = ["a chest x-ray with a pleural effusion", "a fundus photograph with drusen", "a histology slide"]
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +152,6 @@ def test_cuda_auto_dtype(encoder: DualEncoder, pixels: torch.Tensor, tmp_path: P
 # ------------------------------------------------------------------------- real checkpoint layouts
 
 
-def _write_hub_layout(directory: Path, clip: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict) -> None:
-    """What ``huggingface-cli download`` gives for an open_clip model (e.g. BiomedCLIP)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    (directory / "open_clip_config.json").write_text(json.dumps(config))
-    torch.save(clip.state_dict(), directory / "open_clip_pytorch_model.bin")
-
-
 @torch.no_grad()
 def test_load_real_open_clip_hub_layout(tmp_path: Path) -> None:
     model_cfg = {
@@ -171,7 +162,7 @@ def test_load_real_open_clip_hub_layout(tmp_path: Path) -> None:
     preprocess_cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
     torch.manual_seed(1)
     reference = open_clip.CLIP(**model_cfg).eval()
-    _write_hub_layout(tmp_path / "hub", reference, model_cfg, preprocess_cfg)
+    write_open_clip_hub_layout(tmp_path / "hub", reference, model_cfg, preprocess_cfg)
 
     loaded = load_dual_encoder(tmp_path / "hub")
     assert loaded.config is None and loaded.model_id.startswith("local-dir:")
@@ -194,48 +185,9 @@ def test_load_real_open_clip_hub_layout(tmp_path: Path) -> None:
     assert torch.allclose(again.encode_image(pixels), loaded.encode_image(pixels), atol=1e-6)
 
 
-def _tiny_bert_checkpoint(root: Path) -> tuple[Path, Path, torch.nn.Module]:
-    """A BiomedCLIP-shaped checkpoint: ViT image tower + HF BERT text tower, HF tokenizer files beside it."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertTokenizerFast
-
-    bert_dir = root / "bert_config"
-    BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ).save_pretrained(bert_dir)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(TEXTS * 3, vocab_size=120)
-    ckpt = root / "biomedclip_like"
-    BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, model_max_length=64).save_pretrained(ckpt)
-
-    hub_name = "example-org/bert-not-on-this-machine"
-    model_cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32},
-        "text_cfg": {
-            "hf_model_name": hub_name,
-            "hf_tokenizer_name": hub_name,
-            "hf_proj_type": "mlp",
-            "hf_pooler_type": "cls_last_hidden_state_pooler",
-            "context_length": 16,
-        },
-    }
-    build_cfg = json.loads(json.dumps(model_cfg))
-    build_cfg["text_cfg"].update(hf_model_name=str(bert_dir), hf_model_pretrained=False)
-    torch.manual_seed(2)
-    reference = open_clip.CustomTextCLIP(**build_cfg).eval()
-    _write_hub_layout(ckpt, reference, model_cfg, {"mean": [0.5] * 3, "std": [0.5] * 3})
-    return ckpt, bert_dir, reference
-
-
 @torch.no_grad()
 def test_load_biomedclip_like_checkpoint_offline(tmp_path: Path) -> None:
-    ckpt, bert_dir, reference = _tiny_bert_checkpoint(tmp_path)
+    ckpt, bert_dir, reference = biomedclip_like(tmp_path)
     with pytest.raises(ModelLoadError, match="hf_text_config"):
         load_dual_encoder(ckpt)  # the BERT config is on the hub only: clear message, no hang
 

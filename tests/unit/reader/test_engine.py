@@ -145,6 +145,27 @@ def test_collate_left_pads_by_hand() -> None:
     assert no_labels["pixel_values"][0].eq(2.0).all()
 
 
+def test_collate_pads_every_per_token_tensor_and_refuses_mixed_inputs() -> None:
+    """Qwen2-VL's processor returns ``mm_token_type_ids`` per token (1 on image tokens): padded like the mask,
+    never concatenated; ``image_grid_thw`` (one row per image) is concatenated."""
+    a = {"input_ids": torch.tensor([5, 6, 7]), "mm_token_type_ids": torch.tensor([0, 1, 0]),
+         "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    b = {"input_ids": torch.tensor([8, 9, 10, 11]), "mm_token_type_ids": torch.tensor([1, 1, 0, 0]),
+         "image_grid_thw": torch.tensor([[1, 4, 2]])}
+    batch = collate([a, b], pad=0)
+    assert batch["mm_token_type_ids"].tolist() == [[0, 0, 1, 0], [1, 1, 0, 0]]
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 4, 2]]
+    with pytest.raises(ValueError, match="different inputs"):
+        collate([a, {k: v for k, v in b.items() if k != "image_grid_thw"}], pad=0)
+
+
+def test_encode_returns_per_token_processor_outputs_one_dimensional(reader, inputs) -> None:
+    _, processor = reader
+    e = encode(processor, inputs[0], "yes")
+    assert {k for k, v in e.items() if v.dim() == 1} == {"input_ids", "attention_mask", "labels"}
+    assert e["pixel_values"].dim() == 4
+
+
 def test_collate_of_encoded_inputs(reader, inputs) -> None:
     _, processor = reader
     encoded = [encode(processor, inp, "no") for inp in inputs[:3]]

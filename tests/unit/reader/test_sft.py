@@ -33,6 +33,7 @@ from medrag_ray.reader.sft import (
     lora_targets,
     make_reader_sft_task,
     read_sft_examples,
+    resolve_modules_to_save,
     sft_answer,
     write_sft_examples,
 )
@@ -196,8 +197,17 @@ def test_add_lora_trains_only_adapters_and_saved_modules(tokenizer) -> None:
     assert trainable and all("lora_" in n for n in trainable)
 
     other, _ = build_tiny_reader(ReaderConfig(), tokenizer)
-    with pytest.raises(ValueError, match=r"modules_to_save names \['visual_merger'\]"):
+    with pytest.raises(ValueError, match=r"modules_to_save names \['visual_merger'\].*'multi_modal_projector'"):
         add_lora(other, LoraSettings(modules_to_save=("visual_merger",)))
+
+
+def test_a_projector_name_in_modules_to_save_means_the_models_own_projector(tokenizer) -> None:
+    model, _ = build_tiny_reader(ReaderConfig(), tokenizer)
+    assert resolve_modules_to_save(model, ("merger", "lm_head")) == ["multi_modal_projector", "lm_head"]
+    assert resolve_modules_to_save(model, ("multi_modal_projector", "connector")) == ["multi_modal_projector"]
+    assert resolve_modules_to_save(model, ()) == []
+    with pytest.raises(ValueError, match=r"\['no_such'\]"):
+        resolve_modules_to_save(model, ("no_such",))
 
 
 # ------------------------------------------------------------------------------- task: training
