@@ -143,8 +143,28 @@ def collate(examples: Sequence[Mapping[str, Tensor]], pad: int) -> dict[str, Ten
             rows = [torch.nn.functional.pad(e[key], (width - e[key].shape[0], 0), value=value) for e in examples]
             batch[key] = torch.stack(rows)
         else:
-            batch[key] = torch.cat([e[key] for e in examples], dim=0)
+            batch[key] = torch.cat(_padded_images([e[key] for e in examples]), dim=0)
     return batch
+
+
+def _padded_images(values: Sequence[Tensor]) -> list[Tensor]:
+    """Per-example image stacks ``[1, n_images, ...]`` of different ``n_images`` (Idefics3 / SmolVLM split each
+    image into a number of crops that depends on its size) zero-padded to the largest, as the processor pads a
+    batch itself (the model drops all-zero images; their ``pixel_attention_mask`` rows are 0). Tensors with one
+    row per patch or per image (LLaVA's ``[1, C, H, W]``, Qwen2-VL's ``[patches, dim]``) are returned as they are."""
+    shapes = {tuple(v.shape[1:]) for v in values}
+    if len(shapes) == 1 or any(v.shape[0] != 1 for v in values):
+        return list(values)
+    if len({v.dim() for v in values}) != 1:
+        raise ValueError(f"image tensors of one batch have different ranks: {sorted(shapes)}")
+    target = [max(size) for size in zip(*shapes, strict=True)]
+    out = []
+    for v in values:
+        pad: list[int] = []
+        for have, want in zip(reversed(v.shape[1:]), reversed(target), strict=True):
+            pad += [0, want - have]
+        out.append(torch.nn.functional.pad(v, pad, value=0))
+    return out
 
 
 _OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")

@@ -163,21 +163,43 @@ def char_spans(text: str, spec: IFASpec) -> tuple[tuple[int, int], list[tuple[in
     return (at, at + len(needle)), docs
 
 
-def _image_runs(ids: Sequence[int], image_id: int, n_images: int) -> list[int]:
-    """Lengths of the image-token runs the processor produced for ``n_images`` ``<image>`` tokens."""
-    runs: list[int] = []
-    for i, t in enumerate(ids):
-        if t == image_id:
-            if i > 0 and ids[i - 1] == image_id:
-                runs[-1] += 1
-            else:
-                runs.append(1)
-    if len(runs) == n_images:
-        return runs
-    total = sum(runs)
-    if n_images and total % n_images == 0:  # adjacent images merge into one run: equal shares (LLaVA)
-        return [total // n_images] * n_images
-    raise ValueError(f"the processor produced image-token runs {runs} for {n_images} <image> tokens; cannot align")
+def _expansions(ids: Sequence[int], plain: Sequence[int], image_id: int) -> list[int]:
+    """How many of the processor's ``ids`` each ``<image>`` placeholder of the ``plain`` encoding became.
+
+    The text between placeholders is the same in both encodings; what the processor puts in a placeholder's
+    place differs per architecture (LLaVA: N image tokens; Qwen2-VL: N ``<|image_pad|>``; Idefics3: crops of
+    image tokens framed by ``<fake_token_around_image>`` and ``<row_i_col_j>``), so each expansion is what lies
+    between the text before and the text after it. Adjacent placeholders share one run: equal shares."""
+    holes = [i for i, t in enumerate(plain) if t == image_id]
+    bounds = [-1, *holes, len(plain)]
+    texts = [list(plain[a + 1 : b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    if list(ids[: len(texts[0])]) != texts[0]:
+        raise ValueError("the processor's input_ids do not start with the rendered prompt's text")
+    cursor, runs = len(texts[0]), []
+    pending = 0  # placeholders whose expansion is still open (adjacent ones)
+    for k, text in enumerate(texts[1:], start=1):
+        pending += 1
+        if not text and k < len(texts) - 1:
+            continue
+        last = k == len(texts) - 1
+        at = len(ids) - len(text) if last else _find(ids, text, cursor)
+        if at < cursor or list(ids[at : at + len(text)]) != text:
+            raise ValueError("the processor's input_ids do not hold the rendered prompt's text around its images")
+        gap = at - cursor
+        if gap % pending:
+            raise ValueError(f"{pending} adjacent images expanded into {gap} tokens; cannot align them")
+        runs.extend([gap // pending] * pending)
+        cursor, pending = at + len(text), 0
+    return runs
+
+
+def _find(ids: Sequence[int], text: Sequence[int], start: int) -> int:
+    """The first position at or after ``start`` where ``text`` occurs in ``ids`` (-1: nowhere)."""
+    n = len(text)
+    for i in range(start, len(ids) - n + 1):
+        if list(ids[i : i + n]) == list(text):
+            return i
+    return -1
 
 
 def _image_token_id(processor: ProcessorMixin) -> int:
@@ -201,18 +223,18 @@ def expanded_token_chars(
         raise ValueError("IFA token spans need a fast tokenizer (offset mapping); load the reader with use_fast=True")
     plain = tok(text, return_offsets_mapping=True)
     image_id = _image_token_id(processor)
-    runs = iter(_image_runs(ids, image_id, sum(t == image_id for t in plain["input_ids"])))
-    out_ids: list[int] = []
+    try:
+        runs = iter(_expansions(ids, plain["input_ids"], image_id))
+    except ValueError as exc:
+        raise ValueError(
+            f"the tokenizer's encoding of the rendered prompt, with each <image> expanded, differs from the "
+            f"processor's input_ids ({exc}); IFA cannot locate the question and documents for this processor"
+        ) from exc
     offsets: list[tuple[int, int]] = []
     for t, span in zip(plain["input_ids"], plain["offset_mapping"], strict=True):
-        repeat = next(runs) if t == image_id else 1
-        out_ids.extend([t] * repeat)
-        offsets.extend([tuple(span)] * repeat)
-    if out_ids != ids:
-        raise ValueError(
-            "the tokenizer's encoding of the rendered prompt, with each <image> expanded, differs from the "
-            "processor's input_ids; IFA cannot locate the question and documents for this processor"
-        )
+        offsets.extend([tuple(span)] * (next(runs) if t == image_id else 1))
+    if len(offsets) != len(ids):
+        raise ValueError("the aligned prompt and the processor's input_ids differ in length; IFA cannot align them")
     return ids, offsets
 
 

@@ -159,6 +159,22 @@ def test_collate_pads_every_per_token_tensor_and_refuses_mixed_inputs() -> None:
         collate([a, {k: v for k, v in b.items() if k != "image_grid_thw"}], pad=0)
 
 
+def test_collate_zero_pads_per_example_image_stacks_of_different_counts() -> None:
+    """Idefics3 / SmolVLM give ``[1, n_crops, C, H, W]`` with n_crops by image size: padded with zero images (the
+    model drops them); Qwen2-VL's ``[patches, dim]`` rows of different counts are concatenated as they are."""
+    a = {"input_ids": torch.tensor([5, 6]), "pixel_values": torch.ones(1, 5, 3, 2, 2),
+         "pixel_attention_mask": torch.ones(1, 5, 2, 2, dtype=torch.bool)}
+    b = {"input_ids": torch.tensor([7]), "pixel_values": torch.full((1, 3, 3, 2, 2), 2.0),
+         "pixel_attention_mask": torch.ones(1, 3, 2, 2, dtype=torch.bool)}
+    batch = collate([a, b], pad=0)
+    assert batch["pixel_values"].shape == (2, 5, 3, 2, 2)
+    assert batch["pixel_values"][1, :3].eq(2.0).all() and batch["pixel_values"][1, 3:].eq(0.0).all()
+    assert batch["pixel_attention_mask"][1].flatten(1).all(dim=1).tolist() == [True] * 3 + [False] * 2
+    q = collate([{"input_ids": torch.tensor([1]), "pixel_values": torch.ones(16, 8)},
+                 {"input_ids": torch.tensor([2]), "pixel_values": torch.zeros(20, 8)}], pad=0)
+    assert q["pixel_values"].shape == (36, 8)
+
+
 def test_encode_returns_per_token_processor_outputs_one_dimensional(reader, inputs) -> None:
     _, processor = reader
     e = encode(processor, inputs[0], "yes")
