@@ -10,7 +10,10 @@
   downstream (prompting, yes/no scoring, SFT, DPO) sees the same Hugging Face interfaces.
 
 Device and dtype: ``device`` is ``"cpu"``, ``"cuda"`` or ``"auto"``; ``dtype`` is ``"auto"`` (bfloat16 on
-GPU, float32 on CPU), ``"float32"`` or ``"bfloat16"``.
+GPU, float32 on CPU), ``"float32"`` or ``"bfloat16"``. Attention (:func:`attention_implementation`): sdpa, or
+flash-attention 2 on CUDA in half precision when the ``flash_attn`` package is installed and the architecture
+supports it (else sdpa, logged). Every architecture of ``tests/unit/conformance`` runs in bfloat16 with sdpa on an
+H200; the flash-attention path was not run (the lent GPU had no ``flash_attn``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -31,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
+from transformers.utils import is_flash_attn_2_available
 
 from medrag_ray.models.common import (
     ModelCard,
@@ -216,6 +221,12 @@ def save_reader(
     return out
 
 
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """``flash_attention_2`` on CUDA in bfloat16 / float16 when ``flash_attn`` is installed, else ``sdpa``."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else "sdpa"
+
+
 def load_reader(
     directory: str | Path, *, device: str = "cpu", dtype: str = "auto"
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -235,16 +246,23 @@ def load_reader(
         )
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    attention = attention_implementation(dev, torch_dtype)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(path), local_files_only=True, dtype=torch_dtype
-        )
+        try:  # sdpa: transformers' default (it falls back to eager for an architecture without sdpa)
+            extra = {} if attention == "sdpa" else {"attn_implementation": attention}
+            model = AutoModelForImageTextToText.from_pretrained(
+                str(path), local_files_only=True, dtype=torch_dtype, **extra
+            )
+        except (ValueError, ImportError) as exc:
+            if attention == "sdpa":
+                raise
+            logger.warning("%s cannot run %s (%s); loading it with the default attention", path, attention, exc)
+            model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=torch_dtype)
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"could not load the VLM in {path} offline: {exc}. The directory must be in Hugging Face format "
-            "(the original LLaVA-Med release is not: convert it with transformers' "
-            "convert_llava_weights_to_hf) "
+            "(the original LLaVA-Med release is not: convert it with jobs/convert_llava_med.py) "
             "and hold the processor files (preprocessor_config.json, tokenizer files)"
         ) from exc
     if not isinstance(processor, ProcessorMixin):

@@ -10,7 +10,8 @@ mode too); JOMED's interleaved (image, text) candidates.
 
 Each test runs on the CPU in float32 and, where a GPU is visible, again on CUDA in the dtype ``load_reader``
 picks there (bfloat16) with transformers' sdpa attention; bf16 rounding loosens the batch tolerance there
-(:data:`TOLERANCE`) and greedy generation is compared on its first token only.
+(:data:`TOLERANCE`) and greedy generation is compared on its first token only. (With ``flash_attn`` installed the
+GPU runs use flash-attention 2 instead: :func:`~medrag_ray.models.reader.attention_implementation`.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from medrag_ray.config import LoraSettings
 from medrag_ray.data.schema import PreferencePair
-from medrag_ray.models.reader import load_reader
+from medrag_ray.models.reader import attention_implementation, load_reader
 from medrag_ray.reader.dpo import ReaderDPOTask
 from medrag_ray.reader.engine import IGNORE_INDEX, ReaderEngine, answer_separator, encode
 from medrag_ray.reader.ifa import IFASettings, IFASpec, num_decoder_layers
@@ -83,7 +84,7 @@ def test_load_gives_the_architecture_and_its_processor(arch, device) -> None:
     assert not model.training
     param = next(model.parameters())
     assert param.device.type == device and param.dtype == (torch.float32 if device == "cpu" else torch.bfloat16)
-    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.config.get_text_config()._attn_implementation == attention_implementation(param.device, param.dtype)
 
 
 def test_closed_scores_do_not_depend_on_the_batch(arch, device) -> None:

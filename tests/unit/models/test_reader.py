@@ -18,6 +18,7 @@ from transformers import (
 from medrag_ray.models.common import ModelLoadError, read_card
 from medrag_ray.models.reader import (
     ReaderConfig,
+    attention_implementation,
     build_tiny_reader,
     load_reader,
     reader_config_from_model,
@@ -251,3 +252,27 @@ def test_tokenizer_without_image_token_is_refused() -> None:
     plain = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>")
     with pytest.raises(ValueError, match="no image_token.*train_bpe_tokenizer"):
         build_tiny_reader(ReaderConfig(), plain)
+
+
+def test_attention_is_sdpa_unless_flash_attention_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medrag_ray.models import reader as reader_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(reader_module, "is_flash_attn_2_available", lambda: False)
+    assert attention_implementation(cuda, torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(reader_module, "is_flash_attn_2_available", lambda: True)
+    assert attention_implementation(cuda, torch.bfloat16) == "flash_attention_2"
+    assert attention_implementation(cuda, torch.float32) == "sdpa"  # flash-attention has no float32 kernels
+    assert attention_implementation(cpu, torch.bfloat16) == "sdpa"
+
+
+def test_a_reader_that_cannot_run_flash_attention_loads_with_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tokenizer
+) -> None:
+    from medrag_ray.models import reader as reader_module
+
+    model, processor = build_tiny_reader(ReaderConfig(), tiny_tokenizer)
+    save_reader(model, processor, tmp_path / "r")
+    monkeypatch.setattr(reader_module, "attention_implementation", lambda device, dtype: "flash_attention_2")
+    loaded, _ = load_reader(tmp_path / "r")  # flash_attn is not installed here: transformers refuses it
+    assert loaded.config.get_text_config()._attn_implementation == "sdpa"
