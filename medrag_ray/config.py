@@ -393,7 +393,7 @@ class PrepareModelsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertLlavaMedConfig:
-    """``jobs/convert_llava_med.py``: the original LLaVA-Med v1.5 checkpoint -> llava-hf (``load_reader``, vLLM);
+    """``jobs/convert_llava_med.py``: the original LLaVA-Med v1.5 checkpoint -> llava-hf (what ``load_reader`` reads);
     see :mod:`medrag_ray.models.convert_llava_med`."""
 
     src_dir: str = "checkpoints/llava-med-v1.5-mistral-7b"

@@ -1,4 +1,5 @@
-"""The original LLaVA-Med v1.5 checkpoint -> the llava-hf format that ``load_reader`` (and vLLM) read.
+"""The original LLaVA-Med v1.5 checkpoint -> the llava-hf format that ``load_reader`` reads (vLLM reads that format
+too; not checked here: vLLM is not installed).
 
 LLaVA-Med v1.5 (``microsoft/llava-med-v1.5-mistral-7b``) is released in the LLaVA code base's own layout:
 ``config.json`` with ``model_type: llava_mistral`` (Mistral fields plus ``mm_*`` fields), the weights under
