@@ -213,7 +213,7 @@ def test_rag_sft_lora_with_the_default_settings(arch, device, tmp_path: Path) ->
         task.loss(model, task.collate([items[(step * 4 + j) % len(items)] for j in range(4)])).backward()
         opt.step()
     after = _mean_loss(task, model, items)
-    assert math.isfinite(before) and after < 0.7 * before, (before, after)
+    assert math.isfinite(before) and after < 0.3 * before, (before, after)  # measured on the CPU: 0.01-0.03x
 
     model.eval()
     probe = [example_input(e, "mmed") for e in examples[:4]]
@@ -252,5 +252,5 @@ def test_dpo_is_ln2_at_step_0_and_then_falls(arch, device) -> None:
         opt.zero_grad()
         task.loss(model, batch).backward()
         opt.step()
-    assert float(task.loss(model, batch)) < float(first) - 0.05
+    assert float(task.loss(model, batch)) < float(first) - 0.2  # measured on the CPU: 0.69 -> 0.02-0.13
 
