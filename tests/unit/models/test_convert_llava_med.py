@@ -85,3 +85,15 @@ def test_bad_checkpoints_name_the_fix(direct, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"do not fit.*mm_vision_tower"):
         convert_llava_med(tmp_path / "with_tower", other, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_llava_llama_checkpoint_converts_to_llama_with_the_vicuna_turn(direct, tmp_path: Path) -> None:
+    direct_dir, tower_dir = direct
+    write_llava_med_original(direct_dir, tmp_path / "v1", with_tower=True, model_type="llava_llama",
+                             architectures=["LlavaLlamaForCausalLM"])
+    converted, processor = load_reader(convert_llava_med(tmp_path / "v1", tower_dir, tmp_path / "hf"))
+    assert converted.config.text_config.model_type == "llama"
+    text = render(processor, inputs()[0])
+    assert text.startswith("USER: <image>\n") and text.endswith("ASSISTANT:")
+    probs = ReaderEngine(converted, processor, batch_size=3).score_closed(inputs()).probs
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-6) and np.ptp(probs[:, 0]) > 1e-4
