@@ -214,6 +214,9 @@ def convert_llava_med(
     vocab = len(tokenizer)
     text = text_config(original, vocab, int(tokenizer.pad_token_id))
     vision = vision_config(vision_dir)
+    if not (vision_dir / "preprocessor_config.json").is_file():
+        raise ModelLoadError(f"{vision_dir} has no preprocessor_config.json (CLIP's image processor); copy it from "
+                             f"the tower's release ({original.get('mm_vision_tower')!r})")
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
@@ -263,9 +266,6 @@ def convert_llava_med(
         model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     _, template = TEXT_FAMILIES[original["model_type"]]
-    if not (vision_dir / "preprocessor_config.json").is_file():
-        raise ModelLoadError(f"{vision_dir} has no preprocessor_config.json (CLIP's image processor); copy it from "
-                             f"the tower's release ({original.get('mm_vision_tower')!r})")
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor.from_pretrained(str(vision_dir), local_files_only=True),
         tokenizer=tokenizer, patch_size=vision.patch_size,
