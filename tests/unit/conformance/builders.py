@@ -148,41 +148,30 @@ def _save(model: torch.nn.Module, processor: object, out_dir: Path) -> Path:
     return out_dir
 
 
-def qwen2_vl(out_dir: Path) -> Path:
-    """Qwen2-VL-Instruct: ViT with 2x2 patch merger (``visual.merger``), M-RoPE decoder, ChatML template."""
+def _qwen(out_dir: Path, config_cls: type, model_cls: type, processor_cls: type, vision: dict[str, object]) -> Path:
     tok = qwen_tokenizer()
-    config = Qwen2VLConfig(
-        text_config=_qwen_text(tok),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        tie_word_embeddings=False, **_qwen_ids(tok),
-    )
+    config = config_cls(text_config=_qwen_text(tok), vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tok))
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
-    processor = Qwen2VLProcessor(
+    model = model_cls(config)
+    processor = processor_cls(
         image_processor=_qwen_image_processor(), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN2_VL_TEMPLATE,
     )
     return _save(model, processor, out_dir)
+
+
+def qwen2_vl(out_dir: Path) -> Path:
+    """Qwen2-VL-Instruct: ViT with 2x2 patch merger (``visual.merger``), M-RoPE decoder, ChatML template."""
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return _qwen(out_dir, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision)
 
 
 def qwen2_5_vl(out_dir: Path) -> Path:
     """Qwen2.5-VL-Instruct: windowed-attention ViT (full attention in ``fullatt_block_indexes``), same template."""
-    tok = qwen_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=_qwen_text(tok),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
-                           fullatt_block_indexes=[1]),
-        tie_word_embeddings=False, **_qwen_ids(tok),
-    )
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=_qwen_image_processor(), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN2_VL_TEMPLATE,
-    )
-    return _save(model, processor, out_dir)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1])
+    return _qwen(out_dir, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision)
 
 
 def _llava(out_dir: Path, text: LlamaConfig | MistralConfig, tok: PreTrainedTokenizerFast, template: str) -> Path:

@@ -4,7 +4,6 @@ way ``jobs/build_index.py`` does (:class:`CorpusEmbedder`), build the text and i
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
@@ -15,20 +14,10 @@ import torch
 from medrag_ray.models.dual_encoder import HF_TEXT_CONFIG_DIR, load_dual_encoder
 from medrag_ray.retrieval.embed import CorpusEmbedder, DomainEmbeddings, build_domain_indexes
 from medrag_ray.retrieval.index import IndexConfig
-from tests.unit.conformance.builders import RETRIEVERS
-from tests.unit.models.conftest import solid_images
+from tests.unit.conformance.builders import RETRIEVERS, png
 
 REPORTS = ["Small left pleural effusion.", "Mild cardiomegaly, clear lungs.", "No acute abnormality.",
            "Scattered drusen near the macula.", "Glandular tissue with mild atypia.", "Right lower lobe opacity."]
-
-
-def pngs(values: list[int]) -> list[bytes]:
-    out = []
-    for im in solid_images(values, size=48):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 @pytest.fixture(scope="module", params=sorted(RETRIEVERS))
@@ -41,7 +30,7 @@ def encoder_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 def test_embed_index_and_retrieve(encoder_dir: Path) -> None:
     ids = [f"r{i}" for i in range(len(REPORTS))]
-    images = pngs([20 + 40 * i for i in range(len(REPORTS))])
+    images = [png(20 + 40 * i, (48, 48)) for i in range(len(REPORTS))]
     out = CorpusEmbedder(str(encoder_dir), device="cpu")(
         {"id": ids, "domain": ["radiology"] * len(ids), "text": REPORTS, "image_bytes": images}
     )
