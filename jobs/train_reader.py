@@ -3,7 +3,6 @@
     python jobs/train_reader.py [--config jobs/configs/train_reader.yaml] [train.epochs=4] [lora.r=16] \
         [context.style=jomed] [tasks=[closed,report]] [overwrite=true]
     python jobs/train_reader.py --config jobs/configs/train_reader_pretrain.yaml   # the tiny reader's pretraining
-    python jobs/train_reader.py --config jobs/configs/train_reader_reading.yaml    # ... then its reading curriculum
     ray job submit --working-dir . -- python jobs/train_reader.py ray_train.storage_path=/shared/ray_train
 
 The driver routes and retrieves once for every train/val sample (router -> domain index -> adaptive-k; a
@@ -11,9 +10,10 @@ sample's own case report is excluded) and writes the examples to ``data_dir``. T
 ``<run_name>`` then fine-tunes LoRA adapters with :mod:`medrag_ray.train.loop` (checkpoint every epoch,
 resume on re-run, restart of failed workers) and ``out_dir`` receives the merged reader, ``adapter/`` and
 ``metrics.json`` (closed accuracy with and without retrieval on val, per epoch). With ``rag_fraction=0``
-nothing is retrieved (the pretraining variant, ``finetune=full``, which trains every parameter of the tiny
-reader and writes no adapter); ``context_source=phenotype`` builds the tiny reader's reading curriculum from a
-synthetic dataset's ground truth instead of retrieving (``train_reader_reading.yaml``).
+nothing is retrieved; ``context_source=phenotype`` (the tiny reader's pretraining,
+``train_reader_pretrain.yaml``, ``finetune=full``: every parameter, no adapter) builds multi-turn reading
+conversations from a synthetic dataset's ground truth instead of retrieving
+(:func:`medrag_ray.reader.curriculum.reading_conversations`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from medrag_ray.data.subset import take_spread
 from medrag_ray.data.synthetic import CORPUS_NAME, MANIFEST_NAME
 from medrag_ray.eval.diagnostics import load_case_truths
 from medrag_ray.reader.context import SampleContext, retrieve_contexts, sample_image
-from medrag_ray.reader.curriculum import reading_contexts
-from medrag_ray.reader.sft import build_sft_examples, make_reader_sft_task, write_sft_examples
+from medrag_ray.reader.curriculum import reading_conversations
+from medrag_ray.reader.sft import SFTExample, build_sft_examples, make_reader_sft_task, write_sft_examples
 from medrag_ray.retrieval.retriever import MultimodalRetriever
 from medrag_ray.train.tasks import dataset_file
 from medrag_ray.utils import check_writable, setup_logging
@@ -47,7 +47,6 @@ logger = logging.getLogger("jobs.train_reader")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "train_reader.yaml"
 PRETRAIN_CONFIG = DEFAULT_CONFIG.with_name("train_reader_pretrain.yaml")
-READING_CONFIG = DEFAULT_CONFIG.with_name("train_reader_reading.yaml")
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainReaderConfig:
@@ -64,9 +63,9 @@ def selected(samples: Sequence[Sample], cfg: TrainReaderConfig) -> list[Sample]:
     return out
 
 
-def reading_curriculum(cfg: TrainReaderConfig, samples: Sequence[Sample]) -> list[SampleContext]:
-    """``context_source=phenotype``: the curriculum's reports for ``samples`` from the ground truth of
-    ``cfg.dataset_dir``."""
+def reading_examples(cfg: TrainReaderConfig, samples: Sequence[Sample], draws: int) -> list[SFTExample]:
+    """``context_source=phenotype``: the tiny reader's pretraining conversations (``draws`` per case) from the
+    ground truth of ``cfg.dataset_dir``."""
     manifest, corpus = Path(cfg.dataset_dir) / MANIFEST_NAME, Path(cfg.dataset_dir) / CORPUS_NAME
     missing = [str(p) for p in (manifest, corpus) if not p.is_file()]
     if missing:
@@ -76,13 +75,14 @@ def reading_curriculum(cfg: TrainReaderConfig, samples: Sequence[Sample]) -> lis
         )
     retrieval = cfg.context.retrieval
     k = retrieval.k_max if retrieval.k_max is not None else retrieval.k
-    return reading_contexts(
-        samples, read_parquet(corpus, CorpusDoc), load_case_truths(manifest), k, cfg.rag_fraction, cfg.train.seed
+    return reading_conversations(
+        samples, read_parquet(corpus, CorpusDoc), load_case_truths(manifest), k, cfg.rag_fraction, draws,
+        cfg.train.seed,
     )
 
 
 def write_examples(cfg: TrainReaderConfig) -> Path:
-    """Retrieve context for the train and val samples of ``cfg.tasks`` (or build the reading curriculum's,
+    """Retrieve context for the train and val samples of ``cfg.tasks`` (or build the pretraining conversations,
     ``context_source=phenotype``); write them to ``cfg.data_dir``."""
     retriever = None
     if cfg.rag_fraction > 0 and cfg.context_source == "retrieval":
@@ -98,30 +98,32 @@ def write_examples(cfg: TrainReaderConfig) -> Path:
                 f"no {split} sample of {path} has answer_type in tasks={list(cfg.tasks)} and meta matching "
                 f"meta_filter={cfg.meta_filter}; fix tasks / meta_filter or dataset_dir"
             )
-        if split == "val":  # the files are grouped by domain: spread the subset over them
-            samples = take_spread(samples, [s.domain for s in samples], cfg.max_val)
-        rag_fraction = cfg.rag_fraction
         if cfg.context_source == "phenotype":
-            contexts, rag_fraction = reading_curriculum(cfg, samples), 1.0  # the curriculum chose who gets reports
-        elif retriever is None:
-            contexts = [SampleContext(s.domain, None) for s in samples]
+            examples = reading_examples(cfg, samples, cfg.draws if split == "train" else 1)
         else:
-            contexts = retrieve_contexts(
-                retriever,
-                samples,
-                [sample_image(s) for s in samples],
-                cfg.context.retrieval,
-                with_images=cfg.context.style == "jomed",
-            )
-        examples = build_sft_examples(samples, contexts, rag_fraction, cfg.train.seed)
+            if split == "val":  # the files are grouped by domain: spread the subset over them
+                samples = take_spread(samples, [s.domain for s in samples], cfg.max_val)
+            if retriever is None:
+                contexts = [SampleContext(s.domain, None) for s in samples]
+            else:
+                contexts = retrieve_contexts(
+                    retriever,
+                    samples,
+                    [sample_image(s) for s in samples],
+                    cfg.context.retrieval,
+                    with_images=cfg.context.style == "jomed",
+                )
+            examples = build_sft_examples(samples, contexts, cfg.rag_fraction, cfg.train.seed)
+        if split == "val":
+            examples = take_spread(examples, [e.domain for e in examples], cfg.max_val)
         write_sft_examples(examples, out / f"{split}.parquet")
-        kept = [len(c.texts) for c in contexts]
         logger.info(
-            "%s: %d examples, %d with retrieval in the prompt, %.2f reports kept on average",
+            "%s: %d examples (%d questions), %d with reports in the prompt (%.2f on average)",
             split,
             len(examples),
+            sum(1 + len(e.follow_ups) for e in examples),
             sum(e.use_rag for e in examples),
-            sum(kept) / max(1, len(kept)),
+            sum(len(e.context_texts) for e in examples if e.use_rag) / max(1, sum(e.use_rag for e in examples)),
         )
     return out
 

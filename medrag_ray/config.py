@@ -809,7 +809,7 @@ PROMPT_STYLES: tuple[str, ...] = ("mmed", "jomed")
 READER_TASKS: tuple[str, ...] = ("closed", "report")
 READER_FINETUNES: tuple[str, ...] = ("lora", "full")
 READER_CONTEXT_SOURCES: tuple[str, ...] = ("retrieval", "phenotype")
-DEFAULT_READER_RETRIEVAL = RetrievalConfig(k=5, k_max=3, adaptive="gap", gamma=0.1)
+DEFAULT_READER_RETRIEVAL = RetrievalConfig(k=5, k_max=3, adaptive="gap", gamma=0.01)
 """Top-5 from the domain index, at most 3 kept by the paper's gap rule (the tiny reader's context is 512 tokens)."""
 
 
@@ -883,12 +883,15 @@ class TrainReaderConfig:
     rag_fraction: float = 0.5
     """Share of training examples that get the retrieved context in the prompt; the rest are asked without,
     so the reader answers both M(x_v, x_t + x_r) and M(x_v, x_t) (what preference mining compares). With
-    ``context_source=phenotype``: the share of visible-finding questions asked with reports (subtle ones always are)."""
+    ``context_source=phenotype``: the share of the pretraining conversations with reports."""
     context_source: str = "retrieval"
     """``retrieval``: the reports the router -> domain index -> adaptive-k returns (RAG-SFT). ``phenotype``: the
-    tiny reader's reading curriculum (:mod:`medrag_ray.reader.curriculum`) from a synthetic dataset's ground truth
-    (``dataset_dir/manifest.json`` and ``corpus.parquet``): ``context.retrieval.k_max`` (else ``k``) reports of the
-    question's phenotype for subtle findings, random reports of its domain for visible ones; no retriever."""
+    tiny reader's pretraining conversations (:mod:`medrag_ray.reader.curriculum`) from a synthetic dataset's ground
+    truth (``dataset_dir/manifest.json`` and ``corpus.parquet``): per case, ``context.retrieval.k_max`` (else ``k``)
+    reports of other cases (or none) and every finding asked as a turn; no retriever."""
+    draws: int = 1
+    """``context_source=phenotype``: conversations per training case, each with its own reports and question order
+    (one epoch goes over all of them; validation uses one per case)."""
     max_val: int = 240
     """Validation examples scored each epoch (closed accuracy with and without retrieval), spread evenly over the
     domains (:mod:`medrag_ray.data.subset`); 0 = all."""
@@ -914,6 +917,8 @@ class TrainReaderConfig:
             )
         if self.max_val < 0:
             raise ConfigError(f"max_val must be >= 0, got {self.max_val!r}")
+        if not isinstance(self.draws, int) or isinstance(self.draws, bool) or self.draws < 1:
+            raise ConfigError(f"draws must be an integer >= 1, got {self.draws!r}")
         if self.finetune not in READER_FINETUNES:
             raise ConfigError(f"finetune must be one of {list(READER_FINETUNES)}, got {self.finetune!r}")
         bad_filter = {k: v for k, v in self.meta_filter.items() if not isinstance(k, str) or not isinstance(v, str)}
@@ -1307,8 +1312,9 @@ class PipelineConfig:
     models: TinyModelsConfig = TinyModelsConfig()
     router_train: TrainLoopConfig = TrainLoopConfig(epochs=6, lr=5e-4)
     """``train`` of ``jobs/train_router.py``."""
-    retriever_train: TrainLoopConfig = TrainLoopConfig(epochs=20)
-    """``train`` of ``jobs/train_retriever.py`` (one run per domain)."""
+    retriever_train: TrainLoopConfig = TrainLoopConfig(epochs=40, batch_size=16)
+    """``train`` of ``jobs/train_retriever.py`` (one run per domain). 168 pairs per domain: batches of 16 per worker
+    give 5 steps an epoch (32 gave 2; 20 epochs of those left val recall@1 at 0.0-0.17, 40 of 16 reach 0.42-0.58)."""
     reader_pretrain_cases: int = 800
     """Cases per domain of the reader's separate pretraining set (``data`` with ``seed + 1``: other phenotypes,
     so the base reader learns to see the visible findings but cannot learn the retrieval corpus's phenotypes)."""
@@ -1316,10 +1322,11 @@ class PipelineConfig:
     """``train`` of the ``pretrain_vision`` step (``jobs/pretrain_vision.py`` on the pretraining set): the tiny
     reader's vision tower learns the visible findings -- the stand-in for a pretrained CLIP tower."""
     reader_pretrain: TrainLoopConfig = TrainLoopConfig(
-        epochs=6, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+        epochs=4, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
     )
     """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
-    tiny reader on the pretraining set's visible-finding questions, no retrieval) -- the stand-in for LLaVA-Med."""
+    tiny reader on conversations about the pretraining set's cases, looking at the image for visible findings and
+    reading the reports for subtle ones) -- the stand-in for LLaVA-Med."""
     reader_train: TrainLoopConfig = dataclasses.replace(TrainReaderConfig().train, epochs=2)
     """``train`` of ``jobs/train_reader.py`` (the reader's RAG-SFT with LoRA, on the pretrained base reader)."""
     mining_limit: int = 320

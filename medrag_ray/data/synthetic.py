@@ -79,7 +79,7 @@ from medrag_ray.utils import atomic_output_dir, sha256_file
 logger = logging.getLogger(__name__)
 
 SOURCE = "synthetic"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 CORPUS_NAME = "corpus.parquet"
 NEGATION_CUES: tuple[str, ...] = ("no", "not", "without", "negative for", "absent")
@@ -137,13 +137,15 @@ class Finding:
 
 @dataclass(frozen=True)
 class DomainSpec:
-    """A domain's channels, findings (in report order) and framing sentences."""
+    """A domain's channels, findings (in report order), framing sentences and the name its reports give the
+    phenotype signature's texture (:func:`signature_sentence`)."""
 
     name: str
     channels: int
     findings: tuple[Finding, ...]
     openers: tuple[str, ...]
     closers: tuple[str, ...]
+    texture: str
 
     def keys(self, kind: str | None = None) -> tuple[str, ...]:
         return tuple(f.key for f in self.findings if kind is None or f.kind == kind)
@@ -264,6 +266,7 @@ _RADIOLOGY = DomainSpec(
         "The osseous structures are intact.",
         "Visualized bones are unremarkable.",
     ),
+    texture="bronchovascular pattern",
 )
 
 _OPHTHALMOLOGY = DomainSpec(
@@ -350,6 +353,7 @@ _OPHTHALMOLOGY = DomainSpec(
         "The retina is attached.",
         "The fovea is centered in the image.",
     ),
+    texture="choroidal pattern",
 )
 
 _PATHOLOGY = DomainSpec(
@@ -435,6 +439,7 @@ _PATHOLOGY = DomainSpec(
         "Margins cannot be assessed on this image.",
         "Additional levels may be examined if clinically indicated.",
     ),
+    texture="stromal fibre pattern",
 )
 
 _DERMATOLOGY = DomainSpec(
@@ -512,6 +517,7 @@ _DERMATOLOGY = DomainSpec(
         "Follow-up dermoscopy may be considered.",
         "The surrounding skin is unremarkable.",
     ),
+    texture="skin line pattern",
 )
 
 DOMAIN_SPECS: dict[str, DomainSpec] = {s.name: s for s in (_RADIOLOGY, _OPHTHALMOLOGY, _PATHOLOGY, _DERMATOLOGY)}
@@ -548,14 +554,15 @@ def _spec(domain: str) -> DomainSpec:
 
 @dataclass(frozen=True)
 class Phenotype:
-    """A latent phenotype: visible signature (grating wave vector in cycles per image, phase, tint) and its
-    subtle-finding pattern."""
+    """A latent phenotype: visible signature (grating wave vector in cycles per image, phase, tint), the words
+    its reports describe the signature with (``pattern``) and its subtle-finding pattern."""
 
     index: int
     kx: float
     ky: float
     phase: float
     tint: tuple[float, float, float]
+    pattern: str
     subtle: dict[str, bool]
 
     def as_dict(self) -> dict[str, Any]:
@@ -566,24 +573,70 @@ class Phenotype:
                 "ky": round(self.ky, 6),
                 "phase": round(self.phase, 6),
                 "tint": [round(t, 6) for t in self.tint],
+                "pattern": self.pattern,
             },
             "subtle": dict(self.subtle),
         }
 
 
+SIGNATURE_ORIENTATIONS: tuple[str, ...] = ("vertically", "obliquely upward", "horizontally", "obliquely downward")
+"""How the signature's stripes run, by the wave vector's angle (0, 45, 90, 135 degrees; y points down): stripes
+are perpendicular to the wave vector."""
+SIGNATURE_SPACINGS: tuple[str, ...] = ("coarse", "medium", "fine")
+"""The signature's spacing, by the wave vector's length in thirds of its range."""
+
+
+def _wave_range(image_size: int) -> tuple[float, float]:
+    """Lengths of the signature's wave vector (cycles per image)."""
+    return 2.5, min(9.0, image_size / 4.0)
+
+
+def _cell_range(cell: int, image_size: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The (length, angle) ranges of a descriptor cell ``orientation * 3 + spacing``, kept off the cell's borders
+    so the words name the signature unambiguously."""
+    orientation, spacing = divmod(cell, len(SIGNATURE_SPACINGS))
+    k_min, k_max = _wave_range(image_size)
+    width = (k_max - k_min) / len(SIGNATURE_SPACINGS)
+    lo = k_min + spacing * width
+    step = math.pi / len(SIGNATURE_ORIENTATIONS)
+    centre = orientation * step
+    return (lo + 0.1 * width, lo + 0.9 * width), (centre - 0.35 * step, centre + 0.35 * step)
+
+
+def signature_pattern(kx: float, ky: float, image_size: int) -> str:
+    """The words a report uses for a signature of wave vector ``(kx, ky)``: its spacing and how its stripes run
+    (``"fine, running obliquely upward"``)."""
+    k_min, k_max = _wave_range(image_size)
+    mag, ang = math.hypot(kx, ky), math.atan2(ky, kx) % math.pi
+    spacing = min(len(SIGNATURE_SPACINGS) - 1, max(0, int((mag - k_min) / (k_max - k_min) * len(SIGNATURE_SPACINGS))))
+    orientation = round(ang / (math.pi / len(SIGNATURE_ORIENTATIONS))) % len(SIGNATURE_ORIENTATIONS)
+    return f"{SIGNATURE_SPACINGS[spacing]}, running {SIGNATURE_ORIENTATIONS[orientation]}"
+
+
+def signature_sentence(spec: DomainSpec, pattern: str) -> str:
+    """The report sentence describing the phenotype's signature texture (names no finding)."""
+    return f"The {spec.texture} is {pattern}."
+
+
 def _wave_vectors(n: int, image_size: int, rng: np.random.Generator) -> list[tuple[float, float]]:
     """``n`` grating wave vectors (cycles per image) whose complex exponentials are nearly orthogonal over
-    the image, so signatures of different phenotypes stay apart whatever their phases."""
-    k_min, k_max = 2.5, min(9.0, image_size / 4.0)
+    the image, so signatures of different phenotypes stay apart whatever their phases; each in its own
+    descriptor cell (:data:`SIGNATURE_SPACINGS` x :data:`SIGNATURE_ORIENTATIONS`, 12 cells), so reports name
+    different phenotypes' signatures with different words (beyond 12 phenotypes, words repeat)."""
     c = (np.arange(image_size) + 0.5) / image_size
+    n_cells = len(SIGNATURE_SPACINGS) * len(SIGNATURE_ORIENTATIONS)
     chosen: list[tuple[float, float]] = []
-    for _ in range(20000):
+    cells = [int(x) for x in rng.permutation(n_cells)]
+    for cell in cells * (1 + (n - 1) // n_cells):
         if len(chosen) == n:
             break
-        mag, ang = rng.uniform(k_min, k_max), rng.uniform(0.0, math.pi)
-        k = (mag * math.cos(ang), mag * math.sin(ang))
-        if all(_overlap(k, other, c) < 0.3 for other in chosen):
-            chosen.append(k)
+        (m_lo, m_hi), (a_lo, a_hi) = _cell_range(cell, image_size)
+        for _ in range(500):
+            mag, ang = rng.uniform(m_lo, m_hi), rng.uniform(a_lo, a_hi)
+            k = (mag * math.cos(ang), mag * math.sin(ang))
+            if all(_overlap(k, other, c) < 0.3 for other in chosen):
+                chosen.append(k)
+                break
     if len(chosen) < n:
         raise ValueError(
             f"cannot place {n} distinguishable phenotype signatures at image_size={image_size} "
@@ -620,6 +673,7 @@ def _make_phenotypes(spec: DomainSpec, cfg: SyntheticDataConfig, rng: np.random.
             ky=waves[p][1],
             phase=float(phases[p]),
             tint=(float(tints[p, 0]), float(tints[p, 1]), float(tints[p, 2])),
+            pattern=signature_pattern(waves[p][0], waves[p][1], cfg.image_size),
             subtle={k: bool(v[p]) for k, v in patterns.items()},
         )
         for p in range(n)
@@ -1185,8 +1239,11 @@ def _template_values(attrs: Mapping[str, str], finding: str | None) -> dict[str,
     return values
 
 
-def _report(spec: DomainSpec, findings: Mapping[str, bool], attrs: Mapping[str, str], rng: np.random.Generator) -> str:
+def _report(
+    spec: DomainSpec, pattern: str, findings: Mapping[str, bool], attrs: Mapping[str, str], rng: np.random.Generator
+) -> str:
     sentences = [spec.openers[rng.integers(len(spec.openers))].format(**_template_values(attrs, None))]
+    sentences.append(signature_sentence(spec, pattern))
     for f in spec.findings:
         options = f.positive if findings[f.key] else f.negative
         sentences.append(options[rng.integers(len(options))].format(**_template_values(attrs, f.key)))
@@ -1232,7 +1289,7 @@ def generate_domain(domain: str, cfg: SyntheticDataConfig) -> DomainData:
                 deviates=tuple(k for k in spec.keys("subtle") if cases.deviates[k][i]),
                 attributes=attrs,
                 geometry=_geometry(spec, cases.params, i),
-                report=_report(spec, findings, attrs, text_rng),
+                report=_report(spec, phenotypes[int(cases.phenotype[i])].pattern, findings, attrs, text_rng),
                 questions={f.key: f.questions[text_rng.integers(len(f.questions))] for f in spec.findings},
             )
         )

@@ -29,6 +29,7 @@ from medrag_ray.models.dual_encoder import build_dual_encoder, load_dual_encoder
 from medrag_ray.models.reader import build_tiny_reader, load_reader, save_reader
 from medrag_ray.models.router import load_router, router_from_encoder, save_router
 from medrag_ray.models.tokenizer import answer_token_ids, format_prompt, train_bpe_tokenizer
+from medrag_ray.reader.prompts import closed_rag_prompt, report_prompt
 from medrag_ray.utils import atomic_output_dir, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,18 @@ class DatasetFiles:
 
 
 def tokenizer_texts(samples: list[Sample], corpus: list[CorpusDoc]) -> list[str]:
-    """The texts the reader will read and write: reports/captions, questions and answers (train split)."""
+    """The texts the reader will read and write (train split): reports/captions, questions and answers, and the
+    wording of the prompts it is asked with (:mod:`medrag_ray.reader.prompts`: every closed question with and
+    without 1-3 reference reports, the report prompts). Without the prompt wording its words split into
+    single letters, and the scaffolding alone is ~190 tokens of every prompt instead of ~70."""
     texts = [d.text for d in corpus]
-    for s in samples:
+    for i, s in enumerate(samples):
         texts.extend(t for t in (s.text, s.question, s.answer) if t)
+        if s.answer_type == "closed" and s.question:
+            texts.append(closed_rag_prompt(s.question, [""] * (1 + i % 3), s.domain))
+            texts.append(closed_rag_prompt(s.question, [], s.domain))
+    for k in range(4):
+        texts.append(report_prompt([""] * k))
     return texts
 
 

@@ -45,13 +45,17 @@ _PROBE = "zq"
 
 def render(processor: ProcessorMixin, inp: ReaderInput, answer: str | None = None) -> str:
     """The text of ``inp`` through the processor's chat template (generation prompt, or the full exchange)."""
+    return _apply_template(processor, inp.messages(answer), generation_prompt=answer is None)
+
+
+def _apply_template(processor: ProcessorMixin, messages: list[dict[str, object]], generation_prompt: bool) -> str:
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
             "the reader's processor has no chat_template; save the processor with one (the original model card's "
             "template, e.g. LLaVA-1.5's 'USER: <image>\\n... ASSISTANT:') so prompts render as the model was trained"
         )
-    return processor.apply_chat_template(inp.messages(answer), add_generation_prompt=answer is None, tokenize=False)
+    return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
 
 def answer_separator(processor: ProcessorMixin) -> tuple[str, str]:
@@ -98,9 +102,17 @@ def pad_id(processor: ProcessorMixin) -> int:
     return int(value)
 
 
-def encode(processor: ProcessorMixin, inp: ReaderInput, answer: str | None = None) -> dict[str, Tensor]:
+def encode(
+    processor: ProcessorMixin, inp: ReaderInput, answer: str | None = None, follow_ups: Sequence[tuple[str, str]] = ()
+) -> dict[str, Tensor]:
     """One example as model inputs (``input_ids`` 1-D). With ``answer``: the full exchange and ``labels``
-    that are ``-100`` on the prompt, so only the answer tokens (and the end-of-turn) are learned."""
+    that are ``-100`` on the prompt, so only the answer tokens (and the end-of-turn) are learned. With
+    ``follow_ups`` (``(prompt, answer)`` turns after the first answer): the whole conversation, every answer
+    labelled (:func:`encode_conversation`)."""
+    if follow_ups:
+        if answer is None:
+            raise ValueError("follow_ups need the first turn's answer")
+        return encode_conversation(processor, inp, answer, follow_ups)
     prompt_text = render(processor, inp)
     images = inp.images or None
     prompt = processor(images=images, text=[prompt_text], return_tensors="pt")
@@ -114,6 +126,42 @@ def encode(processor: ProcessorMixin, inp: ReaderInput, answer: str | None = Non
         labels = full["input_ids"][0].clone()
         labels[:n_prompt] = IGNORE_INDEX
         out["labels"] = labels[None]
+    return {k: (v[0] if _per_token(v, out["input_ids"]) else v) for k, v in out.items()}
+
+
+def encode_conversation(
+    processor: ProcessorMixin, inp: ReaderInput, answer: str, follow_ups: Sequence[tuple[str, str]]
+) -> dict[str, Tensor]:
+    """A multi-turn training example: ``inp`` answered with ``answer``, then each ``(prompt, answer)`` of
+    ``follow_ups`` as a text-only turn; ``labels`` hold every answer's tokens (and end-of-turn), ``-100`` elsewhere.
+
+    The conversation is rendered and run through the processor once; each answer's characters (between the
+    conversation up to its question, with the generation prompt, and up to its answer) are mapped to tokens
+    with the tokenizer's offsets. The processor only expands the images, which all come before the first answer,
+    so the answers' tokens sit at the same offset from the end in both encodings (checked token by token)."""
+    messages = inp.messages(answer, follow_ups)
+    text = _apply_template(processor, messages, generation_prompt=False)
+    spans = []
+    for turn in range(1, len(messages), 2):
+        prompt = _apply_template(processor, messages[:turn], generation_prompt=True)
+        full = _apply_template(processor, messages[: turn + 1], generation_prompt=False)
+        if not (full.startswith(prompt) and text.startswith(full)):
+            raise ValueError("the chat template's conversation does not extend its turns' generation prompts")
+        spans.append((len(prompt), len(full)))
+    out = {k: v for k, v in processor(images=inp.images or None, text=[text], return_tensors="pt").items()}
+    plain = processor.tokenizer(text, return_offsets_mapping=True)
+    ids = out["input_ids"][0]
+    shift = int(ids.shape[0]) - len(plain["input_ids"])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for position, (token, (begin, _)) in enumerate(zip(plain["input_ids"], plain["offset_mapping"], strict=True)):
+        if any(lo <= begin < hi for lo, hi in spans):
+            if int(ids[position + shift]) != token:
+                raise ValueError(
+                    "the processor's encoding of the conversation differs from its tokenizer's around the answers; "
+                    "put every image in the first turn"
+                )
+            labels[position + shift] = token
+    out["labels"] = labels[None]
     return {k: (v[0] if _per_token(v, out["input_ids"]) else v) for k, v in out.items()}
 
 

@@ -130,14 +130,23 @@ class ReaderInput:
     def images(self) -> list[Image.Image]:
         return [p for p in self.parts if isinstance(p, Image.Image)]
 
-    def messages(self, answer: str | None = None) -> list[dict[str, Any]]:
-        """The chat messages for ``processor.apply_chat_template`` (with the assistant turn when ``answer``)."""
+    def messages(
+        self, answer: str | None = None, follow_ups: Sequence[tuple[str, str]] = ()
+    ) -> list[dict[str, Any]]:
+        """The chat messages for ``processor.apply_chat_template`` (with the assistant turn when ``answer``), then
+        one user turn and its answer per ``(prompt, answer)`` of ``follow_ups`` (text only: a conversation about
+        the same image and context)."""
         content: list[dict[str, Any]] = [
             {"type": "image"} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in self.parts
         ]
         turns: list[dict[str, Any]] = [{"role": "user", "content": content}]
         if answer is not None:
             turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        elif follow_ups:
+            raise ValueError("follow_ups need the first turn's answer")
+        for prompt, reply in follow_ups:
+            turns.append({"role": "user", "content": [{"type": "text", "text": prompt}]})
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
         return turns
 
 

@@ -69,6 +69,10 @@ class SFTExample:
     context_texts: tuple[str, ...] = ()
     context_ids: tuple[str, ...] = ()
     context_images: tuple[bytes, ...] = ()
+    follow_ups: tuple[tuple[str, str], ...] = ()
+    """``(question, answer)`` turns asked after the first answer about the same image and context, each the bare
+    question (the tiny reader's pretraining conversations, :mod:`medrag_ray.reader.curriculum`); empty for one
+    question."""
 
     def sample(self) -> Sample:
         return Sample(
@@ -104,6 +108,7 @@ SFT_SCHEMA = pa.schema(
         ("context_texts", pa.list_(pa.string())),
         ("context_ids", pa.list_(pa.string())),
         ("context_images", pa.list_(pa.binary())),
+        ("follow_ups", pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))),
     ]
 )
 
@@ -151,6 +156,7 @@ def write_sft_examples(examples: Sequence[SFTExample], path: str | Path) -> int:
             "context_texts": list(e.context_texts),
             "context_ids": list(e.context_ids),
             "context_images": list(e.context_images),
+            "follow_ups": [{"question": q, "answer": a} for q, a in e.follow_ups],
         }
         for e in examples
     ]
@@ -167,6 +173,7 @@ def read_sft_examples(path: str | Path) -> list[SFTExample]:
                 "context_texts": tuple(r["context_texts"]),
                 "context_ids": tuple(r["context_ids"]),
                 "context_images": tuple(r["context_images"]),
+                "follow_ups": tuple((t["question"], t["answer"]) for t in r["follow_ups"] or ()),
             }
         )
         for r in rows
@@ -191,7 +198,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         e = self.examples[i]
-        return encode(self.processor, example_input(e, self.style), e.answer)
+        return encode(self.processor, example_input(e, self.style), e.answer, e.follow_ups)
 
 
 def lora_targets(model: nn.Module, suffixes: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:

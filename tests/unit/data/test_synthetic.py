@@ -144,6 +144,27 @@ def test_reports_state_exactly_the_findings(small: syn.SyntheticDataset) -> None
     assert len(reports) > 0.8 * len(small.cases), "phrasing variants should make most reports distinct"
 
 
+def test_reports_describe_the_phenotype_signature_in_words(small: syn.SyntheticDataset) -> None:
+    """Each report's second sentence names its phenotype's signature (spacing, stripe direction) and no finding;
+    the words follow the wave vector and differ between the phenotypes of a domain."""
+    for domain, phenotypes in small.phenotypes.items():
+        spec = syn.DOMAIN_SPECS[domain]
+        assert len({p.pattern for p in phenotypes}) == len(phenotypes), (domain, [p.pattern for p in phenotypes])
+        for p in phenotypes:
+            mag, ang = np.hypot(p.kx, p.ky), np.degrees(np.arctan2(p.ky, p.kx)) % 180
+            spacing, _, orientation = p.pattern.partition(", running ")
+            lo, hi = 2.5, min(9.0, SMALL.image_size / 4)
+            assert spacing == syn.SIGNATURE_SPACINGS[int((mag - lo) / (hi - lo) * 3)], (p.pattern, mag)
+            expected = {0: "vertically", 1: "obliquely upward", 2: "horizontally", 3: "obliquely downward"}
+            assert orientation == expected[int(round(ang / 45)) % 4], (p.pattern, ang)
+            sentence = syn.signature_sentence(spec, p.pattern)
+            assert all(v is None for v in syn.parse_findings(sentence, domain).values()), sentence
+    for case in small.cases:
+        pattern = small.phenotypes[case.domain][case.phenotype].pattern
+        second = re.split(r"(?<=\.)\s+", case.report)[1]
+        assert second == syn.signature_sentence(syn.DOMAIN_SPECS[case.domain], pattern), case.report
+
+
 def test_questions_and_answers_follow_the_findings(small: syn.SyntheticDataset) -> None:
     per_case: dict[str, list[Sample]] = defaultdict(list)
     for s in _all_samples(small):

@@ -18,11 +18,12 @@ from medrag_ray.reader.engine import (
     choice_token_ids,
     collate,
     encode,
+    encode_conversation,
     fuse_candidate_probs,
     pad_id,
     render,
 )
-from medrag_ray.reader.prompts import closed_rag_prompt, single_image_input
+from medrag_ray.reader.prompts import closed_prompt, closed_rag_prompt, single_image_input
 from tests.unit.models.conftest import CORPUS, solid_images
 
 QUESTIONS = [
@@ -118,6 +119,32 @@ def test_encode_masks_exactly_the_prompt(reader, inputs) -> None:
     assert labels[n_prompt].item() == answer_token_ids(tok, ["yes"])[0]
     assert torch.equal(full["pixel_values"], prompt_only["pixel_values"])
     assert full["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_encode_conversation_labels_every_answer_and_nothing_else(reader, inputs) -> None:
+    """One turn is exactly ``encode``; with follow-ups the ids are the rendered conversation's and the labels are
+    each answer's tokens and end-of-turn, in order."""
+    _, processor = reader
+    tok = processor.tokenizer
+    for inp in inputs[:3]:
+        single, conversation = encode(processor, inp, "yes"), encode_conversation(processor, inp, "yes", [])
+        assert set(single) == set(conversation)
+        assert all(torch.equal(single[k], conversation[k]) for k in single)
+    follow_ups = [(closed_prompt("Is there a pleural effusion?"), "no"), (closed_prompt("Is it?"), "yes")]
+    full = encode(processor, inputs[1], "no", follow_ups)
+    ids, labels = full["input_ids"], full["labels"]
+    assert ids.shape == labels.shape == full["attention_mask"].shape
+    assert tok.decode(labels[labels != IGNORE_INDEX]) == (" no" + tok.eos_token) * 2 + " yes" + tok.eos_token
+    turns = "".join(f"USER: {p} ASSISTANT: {a}{tok.eos_token}" for p, a in follow_ups)
+    text = render(processor, inputs[1], "no") + turns
+    expected = processor(images=inputs[1].images, text=[text], return_tensors="pt")["input_ids"][0]
+    assert torch.equal(ids, expected)
+    first = encode(processor, inputs[1], "no")
+    n = first["input_ids"].shape[0]
+    assert torch.equal(ids[:n], first["input_ids"]) and torch.equal(labels[:n], first["labels"])
+    assert torch.equal(full["pixel_values"], first["pixel_values"])
+    with pytest.raises(ValueError, match="follow_ups need the first turn's answer"):
+        encode(processor, inputs[1], None, follow_ups)
 
 
 def test_collate_left_pads_by_hand() -> None:

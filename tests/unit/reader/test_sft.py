@@ -145,8 +145,9 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     examples = build_sft_examples(samples, contexts_for(samples), 1.0, 0)
     examples.append(replace(examples[0], id="extra", context_images=(b"a", b"b"), context_texts=("x", "y"),
                             context_ids=("i", "j")))
+    examples.append(replace(examples[1], id="conversation", follow_ups=(("Is it?", "no"), ("Is there X?", "yes"))))
     path = tmp_path / "nested" / "train.parquet"
-    assert write_sft_examples(examples, path) == 5
+    assert write_sft_examples(examples, path) == 6
     back = read_sft_examples(path)
     assert back == examples
     assert isinstance(back[0].context_texts, tuple) and isinstance(back[1].context_ids, tuple)
@@ -250,6 +251,18 @@ def test_task_dataset_items_mask_the_prompt(trained) -> None:
     assert (labels[: -2] == IGNORE_INDEX).all()  # everything but " yes</s>" is prompt
     assert task.processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == " yes</s>"
     assert task.collate is not None and task.collate([item])["input_ids"].shape == (1, item["input_ids"].shape[0])
+
+
+def test_a_conversation_item_labels_every_turn(trained) -> None:
+    task, _, _, _, _ = trained
+    [first] = build_sft_examples(closed_samples(1), contexts_for(closed_samples(1)), 1.0, 0)
+    example = replace(first, follow_ups=(("Is there an effusion?", "no"), ("Is it enlarged?", "yes")))
+    item = SFTDataset([example], task.processor, "mmed")[0]
+    labels = item["labels"]
+    tok = task.processor.tokenizer
+    assert tok.decode(labels[labels != IGNORE_INDEX]) == f" {example.answer}</s> no</s> yes</s>"
+    turns = "USER: Is there an effusion? ASSISTANT: no</s>USER: Is it enlarged? ASSISTANT:"
+    assert turns in tok.decode(item["input_ids"])
 
 
 def test_short_training_lowers_the_loss(trained) -> None:
