@@ -194,8 +194,11 @@ def main(cfg: DistillRetrieverConfig) -> Path:
         factory = functools.partial(make_task, name, retriever_dirs=dict(retriever_dirs))
         export_dir = Path(cfg.work_dir) / "heads" / part
         shutil.rmtree(export_dir, ignore_errors=True)
+        task = factory()
+        initial = task.evaluate(task.build_model().eval())  # the same validation metrics before training
         state = export_result(fit(name, factory, train_cfg, cfg.ray_train), export_dir)
-        runs[part] = {"from": dict(retriever_dirs), "final": state["history"][-1], "history": state["history"]}
+        runs[part] = {"from": dict(retriever_dirs), "initial": initial, "final": state["history"][-1],
+                      "history": state["history"]}
         retriever_dirs = {d: str(export_dir / d) for d in retriever_dirs}
         logger.info("%s: %s", name, json.dumps(state["history"][-1]))
     with atomic_output_dir(cfg.out_dir, cfg.overwrite) as tmp:

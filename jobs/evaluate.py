@@ -20,6 +20,7 @@ import jobs.preflight  # noqa: F401 - first: a Python without the dependencies g
 
 # isort: split
 
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from medrag_ray.eval.rag_pt_eval import (
     ablation_markdown,
     alignment_rates,
     closed_ablation,
+    distillation_kl,
     jomed_comparison,
     jomed_markdown,
     retrieval_markdown,
@@ -126,6 +128,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         )
         out = jomed_comparison(sft, retriever, distilled, samples, images, cfg.jomed_k, cfg.jomed_temperature,
                                route=cfg.route)
+        distill_metrics = Path(cfg.jomed_retriever_dir) / "metrics.json"
+        if distill_metrics.is_file():
+            out.analysis["distillation"] = distillation_kl(json.loads(distill_metrics.read_text(encoding="utf-8")))
         jomed = {"name": cfg.name, **out.analysis, "config": to_dict(cfg)}
         jmd = jomed_markdown(out.analysis, "FT RAG vs JOMED vs oracle" + (f" ({cfg.name})" if cfg.name else ""))
         path = write_json_and_markdown(cfg.out_dir, "jomed", jomed, jmd)

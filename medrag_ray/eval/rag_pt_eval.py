@@ -273,10 +273,23 @@ def jomed_markdown(analysis: Mapping[str, Any], title: str) -> str:
             f"{m['jomed']['accuracy']:.3f} | {m['jomed']['macro_f1']:.3f} | {s['oracle_accuracy']:.3f} |"
         )
     lines += ["", f"Inconsistent share (JOMED Table 6): {analysis['inconsistent_share']:.3f}."]
+    for head, kl in analysis.get("distillation", {}).items():
+        lines.append(f"Distillation, {head} head: validation Sharp Perplexity KL {kl['before']:.4f} before training, "
+                     f"{kl['after']:.4f} after ({kl['after'] - kl['before']:+.4f}).")
     if analysis.get("n_no_candidate"):
         lines.append(f"{analysis['n_no_candidate']} questions are left out: the router placed their image in no "
                      "indexed domain, so there is no candidate to fuse.")
     return "\n".join(lines) + "\n"
+
+
+def distillation_kl(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per distilled head, the validation KL before and after training, from ``jobs/distill_retriever.py``'s
+    ``metrics.json`` (heads without a recorded ``initial`` validation are left out)."""
+    out = {}
+    for head, run in metrics.get("runs", {}).items():
+        if "val_kl" in run.get("initial", {}) and "val_kl" in run.get("final", {}):
+            out[head] = {"before": float(run["initial"]["val_kl"]), "after": float(run["final"]["val_kl"])}
+    return out
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,10 @@ def test_distillation_trains_the_text_head_then_the_image_head_then_fusion(built
     assert metrics["scored_queries"] == {"text/train": 12, "text/val": 12, "image/train": 12, "image/val": 12}
     assert [len(metrics["runs"][p]["history"]) for p in ("text", "image", "fusion")] == [2, 2, 1]
     assert "val_kl" in metrics["runs"]["text"]["final"] and "val_fused_accuracy" in metrics["runs"]["image"]["final"]
+    for part in ("text", "image"):  # the same validation metrics before training, from the untrained head
+        initial, final = metrics["runs"][part]["initial"], metrics["runs"][part]["final"]
+        assert set(initial) == set(final) - {"epoch", "train_loss", "lr", "epoch_seconds"}
+        assert initial["val_kl"] != final["val_kl"]
     trained = {q.domain for q in read_scores(work / "scores", "text", "train")}
     assert trained
     for domain in trained:  # the text run moves the text head only; the image run the image head only

@@ -14,6 +14,7 @@ from medrag_ray.eval.rag_pt_eval import (
     ablation_rows,
     closed_ablation,
     closed_metrics,
+    distillation_kl,
     grouped_metrics,
     jomed_comparison,
     jomed_markdown,
@@ -132,3 +133,20 @@ def test_jomed_leaves_out_questions_without_candidates(scripted, monkeypatch: py
     monkeypatch.setattr(rag_pt_eval, "score_candidates", lambda *a, **k: [])
     with pytest.raises(ValueError, match="none of 24 samples got a candidate"):
         jomed_comparison(ScriptedReader(), mr, mr, samples, images, k=3, temperature=0.05, route=False)
+
+
+def test_distillation_kl_before_and_after_each_head() -> None:
+    metrics = {"runs": {
+        "text": {"initial": {"val_kl": 0.084}, "final": {"epoch": 10, "val_kl": 0.093}},
+        "image": {"initial": {"val_kl": 0.09}, "final": {"epoch": 10, "val_kl": 0.05}},
+        "fusion": {"initial": {"val_accuracy": 0.7}, "final": {"epoch": 10, "val_accuracy": 0.8}},
+        "old": {"final": {"val_kl": 0.1}},  # written before the initial validation was recorded
+    }}
+    kl = distillation_kl(metrics)
+    assert kl == {"text": {"before": 0.084, "after": 0.093}, "image": {"before": 0.09, "after": 0.05}}
+    analysis = {s: {"n": 1, "oracle_accuracy": 1.0, "methods": {m: {"accuracy": 1.0, "macro_f1": 1.0}
+                                                               for m in ("ft_rag", "jomed")}}
+                for s in ("all", "consistent", "inconsistent")}
+    md = jomed_markdown({**analysis, "inconsistent_share": 0.0, "distillation": kl}, "t")
+    assert "text head: validation Sharp Perplexity KL 0.0840 before training, 0.0930 after (+0.0090)" in md
+    assert "image head: validation Sharp Perplexity KL 0.0900 before training, 0.0500 after (-0.0400)" in md
