@@ -1322,7 +1322,7 @@ class PipelineConfig:
     """``train`` of the ``pretrain_vision`` step (``jobs/pretrain_vision.py`` on the pretraining set): the tiny
     reader's vision tower learns the visible findings -- the stand-in for a pretrained CLIP tower."""
     reader_pretrain: TrainLoopConfig = TrainLoopConfig(
-        epochs=4, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
+        epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_fraction=0.05
     )
     """``train`` of the ``pretrain_reader`` step (``jobs/configs/train_reader_pretrain.yaml``: full fine-tune of the
     tiny reader on conversations about the pretraining set's cases, looking at the image for visible findings and

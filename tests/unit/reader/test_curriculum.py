@@ -11,6 +11,7 @@ from medrag_ray.config import SyntheticDataConfig
 from medrag_ray.data.synthetic import generate, manifest, parse_findings
 from medrag_ray.eval.diagnostics import case_id, load_case_truths
 from medrag_ray.reader.curriculum import reading_conversations
+from medrag_ray.reader.prompts import closed_prompt
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def test_conversations_ask_visible_findings_of_the_image_and_subtle_ones_of_the_
     docs = {d.id: d for d in corpus}
     by_case = {case_id(s): s for s in samples}
     questions = {(case_id(s), s.question): s for s in samples}
+    asked = {closed_prompt(s.question): s.question for s in samples}
     assert len(examples) == 2 * len(by_case) and len({e.id for e in examples}) == len(examples)
     with_reports, phenotype_docs, subtle_turns = 0, Counter(), 0
     for e in examples:
@@ -38,7 +40,8 @@ def test_conversations_ask_visible_findings_of_the_image_and_subtle_ones_of_the_
         assert e.image_bytes == by_case[case].image_bytes and e.use_rag == bool(e.context_texts)
         with_reports += e.use_rag
         phenotype_docs[all(truths[d].phenotype == truth.phenotype for d in e.context_ids)] += e.use_rag
-        turns = [(e.question, e.answer), *e.follow_ups]
+        assert all(prompt in asked for prompt, _ in e.follow_ups)  # later turns: the closed prompt's wording
+        turns = [(e.question, e.answer), *((asked[prompt], a) for prompt, a in e.follow_ups)]
         kinds = Counter()
         for question, answer in turns:
             meta = json.loads(questions[(case, question)].meta)
@@ -56,15 +59,17 @@ def test_conversations_ask_visible_findings_of_the_image_and_subtle_ones_of_the_
     assert 0.35 < phenotype_docs[True] / with_reports < 0.7  # half the draws read the query's phenotype
     assert subtle_turns > 0
     assert reading_conversations(samples, corpus, truths, k=3, rag_fraction=0.75, draws=2, seed=0) == examples
-    orders = {tuple(q for q, _ in [(e.question, e.answer), *e.follow_ups]) for e in examples}
+    orders = {(e.question, *(p for p, _ in e.follow_ups)) for e in examples}
     assert len(orders) > len(by_case)  # each draw asks in its own order
 
 
 def test_without_reports_subtle_findings_are_not_asked(dataset) -> None:
     samples, corpus, truths = dataset
     examples = reading_conversations(samples, corpus, truths, k=3, rag_fraction=0.0)
+    asked = {closed_prompt(s.question): s.question for s in samples}
     kinds = {json.loads(s.meta)["finding_kind"] for s in samples for e in examples
-             if s.question in {e.question, *(q for q, _ in e.follow_ups)} and case_id(s) == e.id.rsplit("-d", 1)[0]}
+             if s.question in {e.question, *(asked[p] for p, _ in e.follow_ups)}
+             and case_id(s) == e.id.rsplit("-d", 1)[0]}
     assert kinds == {"visible"} and not any(e.context_texts for e in examples)
 
 
