@@ -85,7 +85,8 @@ def test_pipeline_trains_indexes_and_retrieves(built: tuple[Path, dict[str, Path
     assert vision_metrics["config"]["dataset_dir"] == str(tmp_path / "data" / "reader_pretrain")
     base_metrics = json.loads(outputs["pretrain_reader"].read_text())
     assert base_metrics["config"]["reader_dir"] == str(tmp_path / "models" / "reader_vision")
-    assert base_metrics["config"]["finetune"] == "full" and base_metrics["config"]["rag_fraction"] == 0.0
+    assert base_metrics["config"]["finetune"] == "full" and base_metrics["config"]["context_source"] == "phenotype"
+    assert base_metrics["config"]["rag_fraction"] == 0.75 and "val_accuracy_rag" in base_metrics["final"]
     pretrain_manifest = json.loads((tmp_path / "data" / "reader_pretrain" / "manifest.json").read_text())
     assert pretrain_manifest["config"]["seed"] == 1 and pretrain_manifest["config"]["n_per_domain"] == 12
     assert not (tmp_path / "models" / "reader_base" / "adapter").exists()
