@@ -100,6 +100,8 @@ def write_examples(cfg: TrainReaderConfig) -> Path:
             )
         if cfg.context_source == "phenotype":
             examples = reading_examples(cfg, samples, cfg.draws if split == "train" else 1)
+            if split == "val":  # one conversation per case; the files are grouped by domain
+                examples = take_spread(examples, [e.domain for e in examples], cfg.max_val)
         else:
             if split == "val":  # the files are grouped by domain: spread the subset over them
                 samples = take_spread(samples, [s.domain for s in samples], cfg.max_val)
@@ -114,8 +116,6 @@ def write_examples(cfg: TrainReaderConfig) -> Path:
                     with_images=cfg.context.style == "jomed",
                 )
             examples = build_sft_examples(samples, contexts, cfg.rag_fraction, cfg.train.seed)
-        if split == "val":
-            examples = take_spread(examples, [e.domain for e in examples], cfg.max_val)
         write_sft_examples(examples, out / f"{split}.parquet")
         logger.info(
             "%s: %d examples (%d questions), %d with reports in the prompt (%.2f on average)",
